@@ -1,0 +1,120 @@
+"""The model bundle's metadata (``bundle.json``): a plain-JSON contract with no torch import.
+
+The API process reads labels, input geometry and defence defaults from here without loading any
+weights (its image carries no torch); ``models.bundle`` adds the weight loading on top.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.errors import BundleError
+
+BUNDLE_FILE = "bundle.json"
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "motionshapes-v1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class InputSpec(_Strict):
+    """How decoded video frames become the clips the models were trained on."""
+
+    frames: int = Field(ge=2, description="frames per clip (T)")
+    height: int = Field(ge=16)
+    width: int = Field(ge=16)
+    resize: Literal["short_side", "stretch"] = "short_side"
+    crop: Literal["center"] = "center"
+
+
+class FlowSpec(_Strict):
+    arch: Literal["raft_small", "raft_large"] = "raft_small"
+    checkpoint: str
+    format: Literal["torchvision", "original"] = "torchvision"
+    corr_levels: int | None = Field(default=None, ge=1, le=6)
+    corr_radius: int | None = Field(default=None, ge=1, le=8)
+    updates_grad: int = Field(default=2, ge=1, description="RAFT updates whenever a gradient is taken")
+    updates_infer: int = Field(default=12, ge=1, description="RAFT updates for the final prediction")
+
+
+class ClassifierSpec(_Strict):
+    arch: Literal["i3d"] = "i3d"
+    checkpoint: str
+    width: float = Field(default=1.0, gt=0, le=1.0)
+    num_classes: int = Field(ge=2)
+
+
+class FlowNormalisation(_Strict):
+    """Classifier input = clamp(flow, -clamp, clamp) / scale, channel 0 horizontal unless 'yx'."""
+
+    clamp: float = Field(default=20.0, gt=0)
+    scale: float = Field(default=20.0, gt=0)
+    channel_order: Literal["xy", "yx"] = "xy"
+
+
+class DefenseSpec(_Strict):
+    steps: int = Field(default=20, ge=0)
+    step_size: float = Field(default=2 / 255, gt=0)
+    epsilon: float = Field(default=12 / 255, ge=0, le=1)
+    lambda_smooth: float = Field(default=0.1, ge=0)
+    edge_lambda: float = Field(default=150.0, ge=0)
+    similarity: Literal["l1", "l2", "ssim"] = "l1"
+    multi: bool = False
+
+
+class Calibration(_Strict):
+    """Clean MC loss (before defence) on clean clips: quantiles, and the suspected-attack threshold."""
+
+    n: int = Field(ge=1)
+    quantiles: dict[str, float]
+    mean: float
+    std: float
+    threshold: float
+    threshold_quantile: float = 0.99
+    sample: list[float] = Field(default_factory=list, description="clean values kept for drift statistics")
+
+
+class BundleMeta(_Strict):
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    labels: list[str] = Field(min_length=2)
+    input: InputSpec
+    flow: FlowSpec
+    classifier: ClassifierSpec
+    flow_normalisation: FlowNormalisation = FlowNormalisation()
+    defense: DefenseSpec = DefenseSpec()
+    calibration: Calibration | None = None
+    sha256: dict[str, str] = Field(default_factory=dict)
+    training: dict = Field(default_factory=dict, description="how the weights were made (free form)")
+
+    @model_validator(mode="after")
+    def _labels_match_classes(self) -> BundleMeta:
+        if len(self.labels) != self.classifier.num_classes:
+            raise ValueError(
+                f"{len(self.labels)} labels but the classifier has {self.classifier.num_classes} classes"
+            )
+        return self
+
+
+def read_bundle_meta(bundle_dir: str | Path) -> BundleMeta:
+    """Parse and validate ``bundle.json`` (no weights are read or checked here)."""
+    path = Path(bundle_dir) / BUNDLE_FILE
+    if not path.is_file():
+        raise BundleError(f"no {BUNDLE_FILE} in {Path(bundle_dir)}: not a model bundle")
+    try:
+        return BundleMeta.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: invalid JSON ({exc})") from exc
+    except ValidationError as exc:
+        raise BundleError(f"{path}: invalid bundle metadata: {exc}") from exc
+
+
+def write_bundle_meta(bundle_dir: str | Path, meta: BundleMeta) -> Path:
+    path = Path(bundle_dir) / BUNDLE_FILE
+    path.write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+    return path

@@ -1,0 +1,82 @@
+"""The one ``motionguard`` command line.
+
+Each sub-command lives in its own module, named here as ``"package.module"``. A command module
+defines ``configure(parser)`` (adds its arguments; module-level imports must stay light: no torch,
+so ``motionguard --help`` and the API process start fast) and ``run(args) -> int`` (does the work,
+importing heavy libraries inside). ``bench`` takes a second word naming the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from models.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("service.serve", "run the API, N workers and (without MOTIONGUARD_REDIS_URL) an embedded Redis"),
+    "worker": ("worker.main", "run one long-lived model worker"),
+    "classify": ("worker.classify", "classify a video in-process (no Redis)"),
+    "eval": ("models.evaluate_cmd", "robustness evaluation: attacks x defence table"),
+    "calibrate": ("models.calibrate_cmd", "clean MC-loss calibration of a bundle"),
+    "bundle": ("models.bundle_cmd", "create or verify a model bundle"),
+    "train-demo": ("models.train_cmd", "train the demo RAFT-small + I3D pair on synthetic motion"),
+}
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "flow": ("models.benchmark", "video RAFT vs torchvision's pairwise calls"),
+    "service": ("service.bench_service", "end-to-end latency and service overhead"),
+    "load": ("service.bench_load", "upload/poll load against a running service"),
+}
+
+
+def _add_commands(subparsers: argparse._SubParsersAction, table: dict[str, tuple[str, str]]) -> None:
+    for name, (module_name, help_text) in table.items():
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module_name.startswith(exc.name):
+                raise
+            parser.set_defaults(_unavailable=f"'{name}' is not available in this build ({module_name} missing)")
+            continue
+        module.configure(parser)
+        parser.set_defaults(_module=module)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="motionguard", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_commands(sub, COMMANDS)
+    bench = sub.add_parser("bench", help="benchmarks that print measured ratios as JSON")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    _add_commands(bench_sub, BENCHMARKS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if getattr(args, "_unavailable", None):
+        print(f"motionguard: error: {args._unavailable}", file=sys.stderr)
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as exc:
+        print(f"motionguard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("motionguard: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
