@@ -86,8 +86,8 @@ class BundleMeta(_Strict):
     input: InputSpec
     flow: FlowSpec
     classifier: ClassifierSpec
-    flow_normalisation: FlowNormalisation = FlowNormalisation()
-    defense: DefenseSpec = DefenseSpec()
+    flow_normalisation: FlowNormalisation = Field(default_factory=FlowNormalisation)
+    defense: DefenseSpec = Field(default_factory=DefenseSpec)
     calibration: Calibration | None = None
     sha256: dict[str, str] = Field(default_factory=dict)
     training: dict = Field(default_factory=dict, description="how the weights were made (free form)")
