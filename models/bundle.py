@@ -116,7 +116,9 @@ def load_bundle(bundle_dir: str | Path | None = None, device: str | torch.device
     return LoadedBundle(path=bundle_dir, meta=meta, pipeline=pipeline)
 
 
-def create_bundle(out_dir: str | Path, meta: BundleMeta, raft_checkpoint: str | Path, i3d_checkpoint: str | Path) -> Path:
+def create_bundle(
+    out_dir: str | Path, meta: BundleMeta, raft_checkpoint: str | Path, i3d_checkpoint: str | Path
+) -> Path:
     """Copy the weights into ``out_dir``, record their sha256, write bundle.json, and prove it loads.
 
     The checkpoint names in ``meta`` are replaced by the copies' names. Raises ``BundleError`` if the

@@ -95,9 +95,7 @@ class BundleMeta(_Strict):
     @model_validator(mode="after")
     def _labels_match_classes(self) -> BundleMeta:
         if len(self.labels) != self.classifier.num_classes:
-            raise ValueError(
-                f"{len(self.labels)} labels but the classifier has {self.classifier.num_classes} classes"
-            )
+            raise ValueError(f"{len(self.labels)} labels but the classifier has {self.classifier.num_classes} classes")
         return self
 
 

@@ -61,8 +61,11 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str = "module.") -> dict[s
 
 
 def _block_conv_count(state: Mapping[str, Tensor], encoder: str, block: str) -> int:
-    convs = {m.group(4) for k in state if (m := _ORIGINAL_BLOCK.match(k)) and m.group(1, 2) == (encoder, block)
-             and m.group(3) == "conv"}
+    convs = {
+        m.group(4)
+        for k in state
+        if (m := _ORIGINAL_BLOCK.match(k)) and m.group(1, 2) == (encoder, block) and m.group(3) == "conv"
+    }
     return len(convs)
 
 

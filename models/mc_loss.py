@@ -66,9 +66,7 @@ def similarity_distance(reconstructed: Tensor, original: Tensor, similarity: Sim
     return d.mean(dim=1, keepdim=True)
 
 
-def photometric_loss(
-    sources: Tensor, targets: Tensor, flows: Tensor, similarity: Similarity = "l1"
-) -> Tensor:
+def photometric_loss(sources: Tensor, targets: Tensor, flows: Tensor, similarity: Similarity = "l1") -> Tensor:
     """Eq. 1-2 per clip: mean over pairs and valid pixels of Lsim(w(target, flow), source).
 
     ``sources``, ``targets``: (B, P, 3, H, W) frames of each pair; ``flows``: (B, P, 2, H, W).

@@ -39,14 +39,14 @@ class Pipeline(nn.Module):
         flow_model: VideoRAFT,
         classifier: nn.Module,
         *,
-        defense: DefenseConfig = DefenseConfig(),
+        defense: DefenseConfig | None = None,
         flow_norm: FlowNormalisation | None = None,
         updates_infer: int = 12,
     ):
         super().__init__()
         self.flow_model = flow_model
         self.classifier = classifier
-        self.defense = defense
+        self.defense = defense or DefenseConfig()
         self.flow_norm = flow_norm or FlowNormalisation()
         self.updates_infer = updates_infer
         self.eval()
