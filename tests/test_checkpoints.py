@@ -1,0 +1,113 @@
+"""Checkpoint loading: torchvision and original RAFT formats, the I3D port, refusals with key names."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from models.bundle import load_bundle
+from models.checkpoints import load_i3d_weights, load_raft_weights, read_state_dict
+from models.errors import BundleError
+from models.flow import build_raft
+from models.i3d import build_i3d
+
+
+def to_original_release(state: dict, arch: str) -> dict:
+    """torchvision RAFT names -> the original release's, written out independently of the loader."""
+    out = {}
+    for key, value in state.items():
+        k = key
+        k = k.replace("feature_encoder.", "fnet.").replace("context_encoder.", "cnet.")
+        k = re.sub(r"^(fnet|cnet)\.convnormrelu\.0\.", r"\1.conv1.", k)
+        k = re.sub(r"^(fnet|cnet)\.convnormrelu\.1\.", r"\1.norm1.", k)
+        k = re.sub(r"^(fnet|cnet)\.conv\.", r"\1.conv2.", k)
+        k = re.sub(r"\.convnormrelu(\d)\.0\.", r".conv\1.", k)
+        k = re.sub(r"\.convnormrelu(\d)\.1\.", r".norm\1.", k)
+        k = k.replace("update_block.motion_encoder.convcorr", "update_block.encoder.convc")
+        k = k.replace("update_block.motion_encoder.convflow", "update_block.encoder.convf")
+        k = k.replace("update_block.motion_encoder.conv.0.", "update_block.encoder.conv.")
+        k = re.sub(r"update_block\.encoder\.conv([cf]\d)\.0\.", r"update_block.encoder.conv\1.", k)
+        if arch == "raft_large":
+            k = re.sub(r"update_block\.recurrent_block\.convgru(\d)\.conv([zrq])\.", r"update_block.gru.conv\2\1.", k)
+        else:
+            k = re.sub(r"update_block\.recurrent_block\.convgru1\.conv([zrq])\.", r"update_block.gru.conv\1.", k)
+        k = k.replace("mask_predictor.convrelu.0.", "update_block.mask.0.").replace(
+            "mask_predictor.conv.", "update_block.mask.2."
+        )
+        out["module." + k] = value
+        # the original registers the downsample norm twice: as normN and as downsample.1
+        m = re.match(r"^(fnet|cnet)\.(layer\d\.\d)\.downsample\.1\.(.*)$", k)
+        if m:
+            convs = 3 if arch == "raft_small" else 2
+            out[f"module.{m.group(1)}.{m.group(2)}.norm{convs + 1}.{m.group(3)}"] = value
+    return out
+
+
+@pytest.mark.parametrize("arch", ["raft_small", "raft_large"])
+def test_original_release_format_loads_identically(arch):
+    torch.manual_seed(0)
+    source = build_raft(arch)
+    source.context_encoder.apply(
+        lambda m: m.running_mean.uniform_() if isinstance(m, torch.nn.BatchNorm2d) else None
+    )
+    target = build_raft(arch)
+    load_raft_weights(target, to_original_release(source.state_dict(), arch), fmt="original")
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_torchvision_format_with_module_prefix(tmp_path):
+    source = build_raft("raft_small")
+    path = tmp_path / "raft.pth"
+    torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)
+    target = build_raft("raft_small")
+    load_raft_weights(target, read_state_dict(path))
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_missing_and_unexpected_keys_are_named():
+    state = build_raft("raft_small").state_dict()
+    state.pop("update_block.flow_head.conv2.weight")
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(BundleError, match=r"1 missing: update_block\.flow_head\.conv2\.weight.*1 unexpected: extra"):
+        load_raft_weights(build_raft("raft_small"), state)
+
+
+def test_wrong_architecture_is_refused():
+    with pytest.raises(BundleError, match="wrong shape|missing"):
+        load_raft_weights(build_raft("raft_small"), build_raft("raft_large").state_dict())
+
+
+def test_i3d_port_checkpoint_with_module_prefix():
+    source = build_i3d(10, width=0.25)
+    target = build_i3d(10, width=0.25)
+    load_i3d_weights(target, {"module." + k: v for k, v in source.state_dict().items()})
+    assert torch.equal(target.state_dict()["logits.conv3d.weight"], source.state_dict()["logits.conv3d.weight"])
+    with pytest.raises(BundleError, match="wrong shape"):
+        load_i3d_weights(build_i3d(11, width=0.25), source.state_dict())
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"weights": torch.zeros(1), "payload": print}, path)
+    with pytest.raises(BundleError, match="cannot read checkpoint"):
+        read_state_dict(path)
+
+
+def test_bundle_refuses_tampered_weights(random_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(random_bundle, copy)
+    assert load_bundle(copy).meta.name == "random-test"
+    with open(copy / "classifier.pth", "ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(copy)
+    (copy / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="invalid JSON"):
+        load_bundle(copy)
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(tmp_path / "nowhere")
