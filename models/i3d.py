@@ -147,6 +147,17 @@ class InceptionI3d(nn.Module):
         self.feature_channels = channels
         self.dropout = nn.Dropout(dropout)
         self.logits = Unit3D(channels, num_classes, 1, batch_norm=False, activation=False, bias=True)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He init (fan-out) keeps activations alive through the 20+ conv layers; PyTorch's default
+        shrinks them so much that an untrained model gives the same logits for every input."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.logits.conv3d.weight, std=0.01)
 
     @property
     def num_classes(self) -> int:
