@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers_video import translating_clip
 from models.defense import DefenseConfig, purify
 from models.flow import build_video_raft
+
+from helpers_video import translating_clip
 
 
 @pytest.fixture(scope="module")

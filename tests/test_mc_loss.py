@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers_video import translating_clip
 from models.mc_loss import backward_warp, mc_loss, photometric_loss, smoothness_loss
+
+from helpers_video import translating_clip
 
 
 def _true_flows(clip: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
