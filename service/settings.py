@@ -1,0 +1,99 @@
+"""All runtime settings of the API and the workers, in one place (env prefix ``MOTIONGUARD_``).
+
+One class for both processes so an API and its workers deployed from the same environment can
+never disagree on the queue name, the storage location or the limits they enforce.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.bundle_meta import DEFAULT_BUNDLE_DIR
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOTIONGUARD_", extra="ignore")
+
+    # Infrastructure
+    redis_url: str | None = Field(default=None, description="None: 'serve' starts an embedded Redis")
+    queue_name: str = "motionguard"
+    key_prefix: str = Field(default="motionguard", description="prefix of the service's own Redis keys")
+    bundle_dir: Path = DEFAULT_BUNDLE_DIR
+    data_dir: Path = Field(default=Path("./motionguard-data"), description="uploads and blobs (shared with workers)")
+    blob_store: Literal["dir", "redis"] = "dir"
+
+    # Auth: with keys configured every route but health needs 'Authorization: Bearer <key>'
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Upload and decode limits (decompression bombs are refused before any frame is allocated)
+    max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=1920 * 1088, ge=1, description="width x height of the input video")
+    max_frames: int = Field(default=3000, ge=1, description="frames decoded per video, at most")
+    max_duration_s: float = Field(default=600.0, gt=0)
+    max_clips: int = Field(default=16, ge=1, description="clips analysed per job, at most")
+    probe_size: int = Field(default=5_000_000, ge=32, description="bytes ffmpeg may read while probing")
+    probe_duration_us: int = Field(default=5_000_000, ge=0)
+
+    # Parameter bounds (422 beyond them)
+    max_steps: int = Field(default=50, ge=0)
+    max_epsilon: float = Field(default=32 / 255, gt=0, le=1)
+    max_top_k: int = Field(default=20, ge=1)
+    default_top_k: int = Field(default=5, ge=1)
+    default_steps: int | None = Field(default=None, ge=0, description="None: the bundle's defence steps")
+
+    # Jobs
+    job_timeout_base_s: float = Field(default=60.0, gt=0)
+    job_timeout_per_clip_step_s: float = Field(default=3.0, gt=0, description="sized to the defence's cost")
+    result_ttl_s: int = Field(default=24 * 3600, ge=1)
+    max_queued: int = Field(default=100, ge=1, description="503 when this many jobs wait")
+    max_inflight_per_key: int = Field(default=10, ge=1, description="429 past this many unfinished jobs per key")
+    max_retries: int = Field(default=1, ge=0, description="requeues of a job whose worker died")
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+
+    # Worker liveness: a dead worker's job is detected within about heartbeat_ttl_s
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_ttl_s: int = Field(default=5, ge=2)
+    recovery_interval_s: float = Field(default=1.0, gt=0)
+    device: str = "cpu"
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    # Drift monitor
+    drift_window: int = Field(default=200, ge=10)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """Accept a comma-separated env var as well as a JSON list."""
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    def key(self, *parts: str) -> str:
+        """A namespaced Redis key of the service (never built from client text except hashed ids)."""
+        return ":".join((self.key_prefix, *parts))
+
+    def job_timeout(self, clips: int, steps: int) -> int:
+        return int(self.job_timeout_base_s + self.job_timeout_per_clip_step_s * clips * (steps + 2))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
