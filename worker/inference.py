@@ -44,7 +44,7 @@ def analyse_video(
     multi: bool | None = None,
     steps: int | None = None,
     epsilon: float | None = None,
-    limits: VideoLimits = VideoLimits(),
+    limits: VideoLimits | None = None,
     max_clips: int = 16,
     batch_size: int = 4,
     should_stop: Callable[[], bool] | None = None,
@@ -56,6 +56,7 @@ def analyse_video(
     Raises ``VideoError`` for input that cannot be used and ``JobCanceled`` when ``should_stop()``.
     """
     t_start = time.perf_counter()
+    limits = limits or VideoLimits()
     meta, pipeline = bundle.meta, bundle.pipeline
     spec = meta.input
 

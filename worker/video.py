@@ -120,8 +120,9 @@ def _check_declared(info: VideoInfo, limits: VideoLimits) -> None:
         raise VideoError(f"video lasts {info.duration_s:.0f} s; at most {limits.max_duration_s:.0f} s are accepted")
 
 
-def probe_video(path: str | Path, limits: VideoLimits = VideoLimits(), min_frames: int = 2) -> VideoInfo:
+def probe_video(path: str | Path, limits: VideoLimits | None = None, min_frames: int = 2) -> VideoInfo:
     """Declared properties within limits, and at least ``min_frames`` frames that really decode."""
+    limits = limits or VideoLimits()
     container = _open(path, limits)
     try:
         info = _info(container)
@@ -170,10 +171,11 @@ def decode_video(
     height: int,
     width: int,
     resize: Literal["short_side", "stretch"] = "short_side",
-    limits: VideoLimits = VideoLimits(),
+    limits: VideoLimits | None = None,
     max_frames: int | None = None,
 ) -> DecodedVideo:
     """Decode up to ``max_frames`` (and ``limits.max_frames``) frames resized to (height, width)."""
+    limits = limits or VideoLimits()
     cap = min(limits.max_frames, max_frames or limits.max_frames)
     container = _open(path, limits)
     frames: list[np.ndarray] = []
