@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -246,3 +247,125 @@ def test_every_alert_has_a_runbook_section():
     anchors = {re.sub(r"[^a-z0-9-]", "", heading.replace(" ", "-")) for heading in headings}
     for alert in _alert_names():
         assert alert.lower() in anchors, f"docs/monitoring.md has no section for {alert}"
+
+
+# --------------------------------------------------------------------------------- Grafana
+
+#: The metric names the processes export (DESIGN.md's list plus the drift window's companions).
+EXPORTED_METRICS = {
+    "motionguard_jobs_submitted_total",
+    "motionguard_jobs_finished_total",
+    "motionguard_job_seconds",
+    "motionguard_queue_depth",
+    "motionguard_mc_loss",
+    "motionguard_suspected_attacks_total",
+    "motionguard_mc_loss_drift",
+    "motionguard_mc_loss_suspected_share",
+    "motionguard_mc_loss_drift_window_clips",
+    "motionguard_model_info",
+    "motionguard_requests_rejected_total",
+}
+HISTOGRAMS = {"motionguard_job_seconds", "motionguard_mc_loss"}
+PROMQL_WORDS = {
+    *"sum min max avg count stddev stdvar topk bottomk quantile count_values group".split(),
+    *"by without on ignoring group_left group_right and or unless bool offset le inf nan".split(),
+}
+
+
+def _series_names(expr: str) -> set[str]:
+    """Metric names an expression selects (labels, functions, keywords and Grafana variables removed)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    expr = re.sub(r"\{[^}]*\}", " ", expr)  # label matchers
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)  # range selectors
+    expr = re.sub(r"\$\{?\w+\}?", " ", expr)  # Grafana variables
+    names = set()
+    for match in re.finditer(r"(?<![\w.])([a-zA-Z_:][\w:]*)\s*(\()?", expr):
+        if match.group(2) is None and match.group(1).lower() not in PROMQL_WORDS:
+            names.add(match.group(1))
+    return names
+
+
+def _known_series() -> set[str]:
+    yaml = pytest.importorskip("yaml")
+    known = {"up", "ALERTS"} | set(EXPORTED_METRICS)
+    known |= {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "count", "sum")}
+    for path in RULES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            known |= {rule["record"] for rule in group["rules"] if "record" in rule}
+    return known
+
+
+def _dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            out.append((panel["title"], target["expr"]))
+    for annotation in dashboard.get("annotations", {}).get("list", []):
+        if annotation.get("expr"):
+            out.append((annotation["name"], annotation["expr"]))
+    for var in dashboard.get("templating", {}).get("list", []):
+        query = var.get("query")
+        if isinstance(query, dict):
+            out.append((var["name"], re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", query["query"])))
+    return out
+
+
+def test_series_name_extraction():
+    assert _series_names('sum by (le) (rate(motionguard_mc_loss_bucket{phase="before"}[5m]))') == {
+        "motionguard_mc_loss_bucket"
+    }
+    assert _series_names("a:b:c > 0.4 and on (model) d >= 30 or vector(0)") == {"a:b:c", "d"}
+
+
+def test_dashboard_parses_and_every_expr_uses_known_series():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    exprs = _dashboard_exprs(dashboard)
+    assert len(exprs) >= 10
+    known = _known_series()
+    for title, expr in exprs:
+        names = _series_names(expr)
+        assert names, f"{title}: no series in {expr!r}"
+        assert names <= known, f"{title}: unknown series {names - known} in {expr!r}"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_dashboard_covers_the_issue():
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = set().union(*(_series_names(expr) for _, expr in _dashboard_exprs(dashboard)))
+    for needed in (
+        "motionguard_mc_loss_bucket",  # before/after distributions over time (heatmaps)
+        "motionguard:mc_loss:p90_5m",
+        "motionguard:mc_loss_drift:max",
+        "motionguard:suspected_attack_ratio:rate5m",
+        "motionguard:queue_depth:max",
+        "motionguard:job_seconds:p95_5m",  # latency percentiles per stage
+        "motionguard:workers_up:sum",
+    ):
+        assert needed in used, needed
+    heatmaps = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
+    assert {("before" in p["targets"][0]["expr"], "after" in p["targets"][0]["expr"]) for p in heatmaps} == {
+        (True, False),
+        (False, True),
+    }
+
+
+def test_rules_reference_known_series():
+    yaml = pytest.importorskip("yaml")
+    known = _known_series()
+    for path in RULES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                names = _series_names(rule["expr"])
+                assert names <= known, f"{rule.get('record') or rule.get('alert')}: unknown {names - known}"
+
+
+def test_grafana_provisioning():
+    yaml = pytest.importorskip("yaml")
+    prov = ROOT / "docker" / "grafana" / "provisioning"
+    datasources = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasources[0]["type"] == "prometheus" and datasources[0]["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((prov / "dashboards" / "motionguard.yml").read_text())["providers"]
+    assert providers[0]["options"]["path"] == "/var/lib/grafana/dashboards"
