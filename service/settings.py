@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     bundle_dir: Path = DEFAULT_BUNDLE_DIR
     data_dir: Path = Field(default=Path("./motionguard-data"), description="uploads and blobs (shared with workers)")
     blob_store: Literal["dir", "redis"] = "dir"
+    restored_formats: Annotated[list[Literal["mp4", "ffv1", "npz"]], NoDecode] = Field(
+        default_factory=lambda: ["mp4", "ffv1", "npz"], description="encoded by the worker for every job"
+    )
 
     # Auth: with keys configured every route but health needs 'Authorization: Bearer <key>'
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -65,7 +68,7 @@ class Settings(BaseSettings):
     # Drift monitor
     drift_window: int = Field(default=200, ge=10)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "restored_formats", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         """Accept a comma-separated env var as well as a JSON list."""

@@ -1,0 +1,73 @@
+"""``motionguard worker``: one long-lived model worker (bundle loaded once, no fork per job).
+
+SIGTERM/SIGINT: warm shutdown (the running job finishes, then the process exits); a second
+signal is a cold shutdown. Heartbeats let the others requeue or fail this worker's job within
+seconds if it is killed outright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import uuid
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda[:n] (default: MOTIONGUARD_DEVICE or cpu)")
+    parser.add_argument("--queues", nargs="+", default=None, help="queue names (default: MOTIONGUARD_QUEUE_NAME)")
+    parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    parser.add_argument("--bundle", default=None, help="bundle directory (default: MOTIONGUARD_BUNDLE_DIR)")
+    parser.add_argument("--name", default=None, help="worker name (default: host.pid.random)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from redis import Redis
+    from rq.serializers import JSONSerializer
+
+    from service.settings import get_settings
+
+    settings = get_settings()
+    updates = {k: v for k, v in {"device": args.device, "bundle_dir": args.bundle}.items() if v}
+    if updates:
+        settings = settings.model_copy(update=updates)
+    if not settings.redis_url:
+        from models.errors import UserError
+
+        raise UserError("MOTIONGUARD_REDIS_URL is not set: a worker needs the service's Redis")
+
+    import torch
+
+    from models.bundle import load_bundle
+    from worker import runtime
+    from worker.recovery import RecoveryThread, make_queue
+    from worker.rq_worker import LivenessThread, ModelWorker
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    bundle = load_bundle(settings.bundle_dir, device=settings.device)
+    connection = Redis.from_url(settings.redis_url)
+    queues = (
+        [make_queue(connection, settings)]
+        if not args.queues
+        else [make_queue(connection, settings.model_copy(update={"queue_name": name})) for name in args.queues]
+    )
+    name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    worker = ModelWorker(queues, connection=connection, serializer=JSONSerializer, name=name)
+    worker.settings = settings
+    runtime.configure(settings, connection, bundle, worker_name=name)
+    info = {"bundle": bundle.meta.name, "version": bundle.meta.version, "device": settings.device}
+    liveness = LivenessThread(worker, settings, info)
+    recovery = RecoveryThread(connection, settings)
+    liveness.start()
+    recovery.start()
+    log.info("worker %s serving %s on %s", name, ", ".join(q.name for q in queues), settings.device)
+    try:
+        worker.work(burst=args.burst, with_scheduler=False, logging_level=logging.getLevelName(log.getEffectiveLevel()))
+    finally:
+        recovery.stop()
+        liveness.stop()
+    return 0

@@ -1,0 +1,103 @@
+"""Jobs of dead workers: requeued (bounded) or failed with a reason within seconds, never stuck.
+
+RQ only notices an abandoned job when its started-registry entry expires, and a non-forking
+worker registers it with the whole job timeout (rq issues #2015, #2424, #507). Our workers keep the
+entry alive with a short TTL from a heartbeat thread (``worker.rq_worker``), so an entry that
+expires means the process is gone. This scan runs in every worker and in the API; a Redis lock
+makes one of them act at a time. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from redis import Redis
+from rq.job import Job, JobStatus
+from rq.job_lifecycle import record_job_failure
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.utils import parse_composite_key
+
+from service.settings import Settings
+from worker import metrics
+from worker.storage import upload_path
+
+log = logging.getLogger(__name__)
+
+WORKER_DIED = "worker_died"
+
+
+def make_queue(connection: Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+
+
+def recover_dead_jobs(connection: Redis, settings: Settings) -> list[tuple[str, str]]:
+    """Handle every started job whose heartbeat expired; returns [(job_id, "requeued"|"failed")]."""
+    lock_key = settings.key("recovery-lock")
+    if not connection.set(lock_key, "1", nx=True, px=max(1000, int(settings.recovery_interval_s * 3000))):
+        return []
+    try:
+        queue = make_queue(connection, settings)
+        registry = queue.started_job_registry
+        entries = connection.zrangebyscore(registry.key, 0, time.time())
+        actions = []
+        for raw in entries:
+            entry = raw.decode() if isinstance(raw, bytes) else raw
+            job_id, _ = parse_composite_key(entry)
+            connection.zrem(registry.key, entry)
+            try:
+                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+            except Exception:  # noqa: BLE001 - expired or deleted job: nothing to recover
+                continue
+            if job.get_status(refresh=True) != JobStatus.STARTED:
+                continue
+            actions.append((job_id, _recover(connection, settings, queue, job)))
+        return actions
+    finally:
+        connection.delete(lock_key)
+
+
+def _recover(connection: Redis, settings: Settings, queue: Queue, job: Job) -> str:
+    deaths = int(job.meta.get("worker_deaths", 0)) + 1
+    job.meta["worker_deaths"] = deaths
+    worker_name = job.meta.get("worker", "?")
+    if deaths <= settings.max_retries and upload_path(settings, job.id).is_file():
+        log.warning("job %s: worker %s died; requeued (attempt %d)", job.id, worker_name, deaths + 1)
+        job.save_meta()
+        job.started_at = None
+        with connection.pipeline() as pipe:
+            queue._enqueue_job(job, pipeline=pipe, at_front=True)
+            pipe.execute()
+        return "requeued"
+    message = f"the worker processing this job died ({deaths} time(s)); giving up"
+    log.warning("job %s: %s", job.id, message)
+    job.meta["error"] = {"code": WORKER_DIED, "message": message}
+    job.save_meta()
+    with connection.pipeline() as pipe:
+        record_job_failure(job, json.dumps(job.meta["error"]), pipe)
+        pipe.execute()
+    upload_path(settings, job.id).unlink(missing_ok=True)
+    metrics.record_job(connection, settings, "failed")
+    return "failed"
+
+
+class RecoveryThread(threading.Thread):
+    """Runs ``recover_dead_jobs`` every ``recovery_interval_s`` until stopped."""
+
+    def __init__(self, connection: Redis, settings: Settings):
+        super().__init__(name="motionguard-recovery", daemon=True)
+        self.connection, self.settings = connection, settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.recovery_interval_s):
+            try:
+                recover_dead_jobs(self.connection, self.settings)
+            except Exception:  # noqa: BLE001 - Redis may be briefly away; try again next tick
+                log.debug("recovery scan failed", exc_info=True)
+
+    def stop(self) -> None:
+        self.stopped.set()

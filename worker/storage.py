@@ -1,0 +1,107 @@
+"""Where jobs leave their output: result JSON in Redis (with a TTL) and restored videos as blobs.
+
+Torch-free: the API serves what the workers store. Blob names are fixed by the service
+("restored.mp4", ...) and job ids are validated hex, so no client text ever becomes a path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+from redis import Redis
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+RESTORED_FORMATS: dict[str, tuple[str, str]] = {
+    # format -> (blob name, media type)
+    "mp4": ("restored.mp4", "video/mp4"),
+    "ffv1": ("restored.mkv", "video/x-matroska"),
+    "npz": ("restored.npz", "application/octet-stream"),
+}
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID_RE.fullmatch(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return job_id
+
+
+class BlobStore(Protocol):
+    def put(self, job_id: str, name: str, data: bytes) -> None: ...
+    def get(self, job_id: str, name: str) -> bytes | None: ...
+    def delete(self, job_id: str) -> None: ...
+
+
+class DirBlobStore:
+    """One directory per job under ``root`` (a volume shared by the API and the workers)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _dir(self, job_id: str) -> Path:
+        return self.root / check_job_id(job_id)
+
+    def put(self, job_id: str, name: str, data: bytes) -> None:
+        folder = self._dir(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(folder / name)  # readers never see a half-written file
+
+    def get(self, job_id: str, name: str) -> bytes | None:
+        path = self._dir(job_id) / name
+        return path.read_bytes() if path.is_file() else None
+
+    def delete(self, job_id: str) -> None:
+        shutil.rmtree(self._dir(job_id), ignore_errors=True)
+
+
+class RedisBlobStore:
+    """Blobs as Redis strings with the result's TTL: no shared volume needed, bounded by Redis memory."""
+
+    def __init__(self, connection: Redis, settings: Settings):
+        self.connection, self.settings = connection, settings
+
+    def _key(self, job_id: str, name: str) -> str:
+        return self.settings.key("blob", check_job_id(job_id), name)
+
+    def put(self, job_id: str, name: str, data: bytes) -> None:
+        self.connection.set(self._key(job_id, name), data, ex=self.settings.result_ttl_s)
+
+    def get(self, job_id: str, name: str) -> bytes | None:
+        return self.connection.get(self._key(job_id, name))
+
+    def delete(self, job_id: str) -> None:
+        self.connection.delete(*(self._key(job_id, name) for name, _ in RESTORED_FORMATS.values()))
+
+
+def blob_store(settings: Settings, connection: Redis) -> BlobStore:
+    if settings.blob_store == "redis":
+        return RedisBlobStore(connection, settings)
+    return DirBlobStore(settings.blob_dir)
+
+
+def save_result(connection: Redis, settings: Settings, job_id: str, result: dict[str, Any]) -> None:
+    connection.set(settings.key("result", check_job_id(job_id)), json.dumps(result), ex=settings.result_ttl_s)
+
+
+def load_result(connection: Redis, settings: Settings, job_id: str) -> dict[str, Any] | None:
+    raw = connection.get(settings.key("result", check_job_id(job_id)))
+    return json.loads(raw) if raw else None
+
+
+def delete_result(connection: Redis, settings: Settings, job_id: str) -> None:
+    connection.delete(settings.key("result", check_job_id(job_id)))
+
+
+def upload_path(settings: Settings, job_id: str) -> Path:
+    """The stored upload of a job: named by the job id, never by the client's filename."""
+    return settings.upload_dir / f"{check_job_id(job_id)}.upload"
