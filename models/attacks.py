@@ -256,7 +256,10 @@ def bpda(
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack of an evaluation, parsed from e.g. ``pgd:8``, ``apgd-dlr:8``, ``adaptive1:8:lambda=300``."""
+    """One attack of an evaluation, parsed from e.g. ``pgd:8``, ``apgd-dlr:8``, ``adaptive1:8:lambda=300``.
+
+    Options: ``steps``, ``step`` (PGD step size, in 1/255 like eps; default eps/4), ``lambda``
+    (adaptive attacks), ``eot`` (BPDA samples), ``n`` (run this row on the first n clips only)."""
 
     kind: str
     epsilon_255: float
@@ -310,7 +313,8 @@ def run_attack(spec: AttackSpec, pipeline: Pipeline, x: Tensor, y: Tensor) -> Te
     if spec.kind == "random":
         return project(x + (torch.rand_like(x) * 2 - 1) * eps, x, eps)
     if spec.kind == "pgd":
-        return pgd(grad_logits, x, y, eps, steps or 20, spec.options.get("step"))
+        step = spec.options.get("step")
+        return pgd(grad_logits, x, y, eps, steps or 20, None if step is None else step / 255)
     if spec.kind in ("apgd-ce", "apgd-dlr"):
         return apgd(grad_logits, x, y, eps, steps or 10, loss=spec.kind.split("-")[1])
     if spec.kind == "oneframe":

@@ -122,8 +122,8 @@ def evaluate(
     rows: list[tuple[str, AttackSpec | None, list[int]]] = [("clean", None, list(indices))]
     rows.append(("random", AttackSpec("random", noise_eps_255), list(indices)))
     for spec in attacks:
-        subset = list(indices)[:adaptive_n] if spec.defense_aware else list(indices)
-        rows.append((spec.name, spec, subset))
+        count = int(spec.options.get("n", adaptive_n if spec.defense_aware else len(indices)))
+        rows.append((spec.name, spec, list(indices)[:count]))
     defense = pipeline.defense
     signature = {
         "indices": list(indices),
@@ -210,7 +210,7 @@ def sanity_checks(rows: list[dict]) -> dict:
         if parts[0] != "pgd":
             continue
         steps = next((int(float(p.split("=")[1])) for p in parts[2:] if p.startswith("steps=")), 20)
-        if all(not p.startswith("step=") for p in parts[2:]):
+        if all(p.startswith(("steps=", "n=")) for p in parts[2:]):
             by_eps.setdefault(parts[1], []).append((steps, r["standard"]))
     for eps, points in by_eps.items():
         if len(points) > 1:

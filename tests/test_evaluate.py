@@ -39,15 +39,21 @@ def test_evaluate_rows_resume_and_outputs(random_bundle, tmp_path):
         calls.append(i)
         return clips[i], i % 3
 
-    attacks = [parse_attack("pgd:8:steps=2"), parse_attack("bpda:8:steps=1")]
+    attacks = [parse_attack("pgd:8:steps=2"), parse_attack("bpda:8:steps=1"), parse_attack("pgd:4:steps=1:n=1")]
     state = tmp_path / "state.json"
     report = evaluate(pipeline, source, range(4), attacks, adaptive_n=2, batch_size=2, state_path=state)
-    assert [r["name"] for r in report["rows"]] == ["clean", "random", "pgd:8:steps=2", "bpda:8:steps=1"]
-    assert [r["n"] for r in report["rows"]] == [4, 4, 4, 2]
+    assert [r["name"] for r in report["rows"]] == [
+        "clean",
+        "random",
+        "pgd:8:steps=2",
+        "bpda:8:steps=1",
+        "pgd:4:n=1:steps=1",
+    ]
+    assert [r["n"] for r in report["rows"]] == [4, 4, 4, 2, 1]
     for row in report["rows"]:
         for column in ("standard", "random", "defended"):
             assert 0.0 <= row[column] <= 100.0
-    assert set(report["auroc"]) == {"random", "pgd:8:steps=2", "bpda:8:steps=1"}
+    assert set(report["auroc"]) == {"random", "pgd:8:steps=2", "bpda:8:steps=1", "pgd:4:n=1:steps=1"}
     assert report["n"] == 4
     # a second run with the same settings does no clip work at all
     calls.clear()
