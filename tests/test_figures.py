@@ -98,3 +98,22 @@ def test_clip_figures_names(clip):
     figures = clip_figures(frames, before, after, [0.9, 0.7, 0.6], threshold=0.8, index=2, count=2)
     assert set(figures) == {"flow.png", "mc_loss.png"}
     assert all(data[:8] == PNG_SIGNATURE for data in figures.values())
+
+
+def test_classify_cli_writes_figures(tmp_path, random_bundle, capsys):
+    from conftest import write_video
+
+    from service.cli import main
+
+    path = write_video(tmp_path / "v.mp4", count=8, height=64, width=64)
+    out = tmp_path / "figs"
+    assert main(["classify", str(path), "--bundle", str(random_bundle), "--steps", "1", "--figures", str(out)]) == 0
+    assert "figures" in capsys.readouterr().out  # the figures stage is timed
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["clip0.flow.png", "clip0.mc_loss.png", "clip1.flow.png", "clip1.mc_loss.png"]
+    for name in names:
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+    # Not defended: no pictures (and no error).
+    none = tmp_path / "none"
+    assert main(["classify", str(path), "--bundle", str(random_bundle), "--no-defend", "--figures", str(none)]) == 0
+    assert not any(none.iterdir())

@@ -22,6 +22,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-defend", dest="defend", action="store_false", help="classify without purification")
     parser.add_argument("--json", action="store_true", help="print one JSON object shaped like the service's result")
     parser.add_argument("--restored", type=Path, default=None, metavar="OUT.mp4", help="write the restored frames")
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each defended clip's flow strip and MC-loss plot (clip<i>.flow.png, clip<i>.mc_loss.png)",
+    )
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="defence steps (default: the bundle's)")
     parser.add_argument("--epsilon", type=float, default=None, help="purification radius eps_r (default: the bundle's)")
@@ -69,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     bundle = load_bundle(args.bundle or settings.bundle_dir, device=args.device)
+    figures: dict[int, dict[str, bytes]] | None = {} if args.figures is not None else None
     result, frames = analyse_video(
         args.video,
         bundle,
@@ -79,7 +87,16 @@ def run(args: argparse.Namespace) -> int:
         epsilon=args.epsilon,
         limits=VideoLimits.from_settings(settings),
         max_clips=args.max_clips or settings.max_clips,
+        figures=figures,
     )
+    if figures is not None:
+        if not result["defended"]:
+            log.warning("--figures: the video was not defended, so there are no flow or MC-loss pictures")
+        args.figures.mkdir(parents=True, exist_ok=True)
+        for index, pictures in sorted(figures.items()):
+            for name, data in pictures.items():
+                (args.figures / f"clip{index}.{name}").write_bytes(data)
+        log.info("figures of %d clip(s) written to %s", len(figures), args.figures)
     if args.restored is not None:
         from fractions import Fraction
 

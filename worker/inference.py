@@ -48,12 +48,15 @@ def analyse_video(
     max_clips: int = 16,
     batch_size: int = 4,
     should_stop: Callable[[], bool] | None = None,
+    figures: dict[int, dict[str, bytes]] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Analyse a video file with a ``LoadedBundle``.
 
     Returns the design's ``result`` (without ``restored_url``; ``timings_ms.encode`` is added by the
     caller that encodes) and the restored frames, (K*T, 3, H, W) float32 in [0, 1], clip after clip.
     Raises ``VideoError`` for input that cannot be used and ``JobCanceled`` when ``should_stop()``.
+    When a ``figures`` dict is given and the video is defended, it is filled with each clip's
+    pictures (``worker.figures``): ``{clip index: {"flow.png": PNG, "mc_loss.png": PNG}}``.
     """
     t_start = time.perf_counter()
     limits = limits or VideoLimits()
@@ -72,21 +75,38 @@ def analyse_video(
     defended = bool(defend and config.steps > 0)
     threshold = meta.calibration.threshold if meta.calibration is not None else None
     probs, mc_before, mc_after, trajectories, restored = [], [], [], [], []
-    t_defense = t_classify = 0.0
+    t_defense = t_classify = t_figures = 0.0
+    want_figures = figures is not None and defended
     for first in range(0, len(cut.clips), batch_size):
         check()
         clips = torch.from_numpy(cut.clips[first : first + batch_size]).to(pipeline.device)
         t0 = time.perf_counter()
-        before = pipeline.predict(clips, defend=False, multi=config.multi)
+        before = pipeline.predict(clips, defend=False, multi=config.multi, keep_flows=want_figures)
         t_classify += time.perf_counter() - t0
         if defended:
             t0 = time.perf_counter()
             purified = purify(clips, pipeline.flow_model, config, on_step=lambda k, loss: check())
             t_defense += time.perf_counter() - t0
             t0 = time.perf_counter()
-            after = pipeline.predict(purified.restored, defend=False, multi=config.multi)
+            after = pipeline.predict(purified.restored, defend=False, multi=config.multi, keep_flows=want_figures)
             t_classify += time.perf_counter() - t0
             trajectories.append(purified.trajectory.T.cpu().numpy())
+            if want_figures:
+                from worker.figures import clip_figures
+
+                t0 = time.perf_counter()
+                for j in range(clips.shape[0]):
+                    figures[first + j] = clip_figures(
+                        clips[j],
+                        before.flows_before[j],
+                        after.flows_before[j],  # the restored clip's inference flow
+                        trajectories[-1][j],
+                        threshold=threshold,
+                        mc_before=float(before.mc_before[j]),
+                        mc_after=float(after.mc_before[j]),
+                        index=first + j,
+                    )
+                t_figures += time.perf_counter() - t0
         else:
             after = before
             trajectories.append(before.mc_before[:, None].cpu().numpy())
@@ -135,6 +155,7 @@ def analyse_video(
             "defense": _ms(t_defense),
             "classify": _ms(t_classify),
             "encode": 0.0,
+            **({"figures": _ms(t_figures)} if want_figures else {}),
             "total": _ms(t_end - t_start),
         },
         "restored_url": None,
