@@ -20,7 +20,14 @@ from rq.timeouts import JobTimeoutException
 from models.errors import UserError
 from worker import metrics, runtime
 from worker.inference import JobCanceled, analyse_video
-from worker.storage import RESTORED_FORMATS, blob_store, save_result, upload_path
+from worker.storage import (
+    FIGURE_URL_KEYS,
+    RESTORED_FORMATS,
+    blob_store,
+    figure_blob_name,
+    save_result,
+    upload_path,
+)
 from worker.video import VideoLimits, encode_ffv1, encode_mp4, encode_npz, to_uint8
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
         return last_check[1]
 
     t0 = time.perf_counter()
+    figures: dict[int, dict[str, bytes]] = {}
     try:
         result, frames = analyse_video(
             path,
@@ -80,10 +88,15 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
             limits=VideoLimits.from_settings(settings),
             max_clips=settings.max_clips,
             should_stop=should_stop,
+            figures=figures,
         )
         t_encode = time.perf_counter()
         blobs = _encode_restored(frames, result["video"]["fps"], settings.restored_formats)
         store = blob_store(settings, connection)
+        for index, pictures in figures.items():  # defended jobs only: flow strip and MC-loss plot per clip
+            for name, data in pictures.items():
+                blobs[figure_blob_name(index, name)] = data
+                result["clips"][index][FIGURE_URL_KEYS[name]] = f"/jobs/{job_id}/clips/{index}/{name}"
         for name, data in blobs.items():
             store.put(job_id, name, data)
         encode_s = time.perf_counter() - t_encode

@@ -26,6 +26,14 @@ RESTORED_FORMATS: dict[str, tuple[str, str]] = {
     "ffv1": ("restored.mkv", "video/x-matroska"),
     "npz": ("restored.npz", "application/octet-stream"),
 }
+# Pictures of a defended clip (worker.figures), served at /jobs/{id}/clips/{index}/{name}
+FIGURE_URL_KEYS: dict[str, str] = {"flow.png": "flow_url", "mc_loss.png": "mc_loss_url"}
+
+
+def figure_blob_name(index: int, name: str) -> str:
+    if name not in FIGURE_URL_KEYS or not isinstance(index, int) or index < 0:
+        raise ValueError(f"not a figure: {index!r} {name!r}")
+    return f"clip{index}.{name}"
 
 
 def check_job_id(job_id: str) -> str:
@@ -80,7 +88,9 @@ class RedisBlobStore:
         return self.connection.get(self._key(job_id, name))
 
     def delete(self, job_id: str) -> None:
-        self.connection.delete(*(self._key(job_id, name) for name, _ in RESTORED_FORMATS.values()))
+        keys = list(self.connection.scan_iter(match=self._key(job_id, "*"), count=500))  # restored + figures
+        if keys:
+            self.connection.delete(*keys)
 
 
 def blob_store(settings: Settings, connection: Redis) -> BlobStore:
