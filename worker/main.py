@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     from models.bundle import load_bundle
     from worker import runtime
-    from worker.recovery import RecoveryThread, make_queue
+    from worker.queueing import make_queue
+    from worker.recovery import RecoveryThread
     from worker.rq_worker import LivenessThread, ModelWorker
 
     if settings.torch_threads:

@@ -23,15 +23,12 @@ from rq.utils import parse_composite_key
 
 from service.settings import Settings
 from worker import metrics
+from worker.queueing import make_queue
 from worker.storage import upload_path
 
 log = logging.getLogger(__name__)
 
 WORKER_DIED = "worker_died"
-
-
-def make_queue(connection: Redis, settings: Settings) -> Queue:
-    return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
 
 
 def recover_dead_jobs(connection: Redis, settings: Settings) -> list[tuple[str, str]]:

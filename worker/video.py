@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 DEFAULT_FPS = Fraction(25)
 
 
+class VideoTooLarge(VideoError):
+    """The video is readable but beyond the configured size, duration or frame limits."""
+
+
+class VideoTooShort(VideoError):
+    """The video has fewer frames than motion needs (at least 2)."""
+
+
 @dataclass(frozen=True)
 class VideoLimits:
     """Bounds applied to every input video (defaults match ``service.settings.Settings``)."""
@@ -113,11 +121,11 @@ def _check_declared(info: VideoInfo, limits: VideoLimits) -> None:
     if info.width <= 0 or info.height <= 0:
         raise VideoError("the video stream declares no frame size")
     if info.width * info.height > limits.max_pixels:
-        raise VideoError(
+        raise VideoTooLarge(
             f"video is {info.width}x{info.height}; at most {limits.max_pixels} pixels per frame are accepted"
         )
     if info.duration_s is not None and info.duration_s > limits.max_duration_s:
-        raise VideoError(f"video lasts {info.duration_s:.0f} s; at most {limits.max_duration_s:.0f} s are accepted")
+        raise VideoTooLarge(f"video lasts {info.duration_s:.0f} s; at most {limits.max_duration_s:.0f} s are accepted")
 
 
 def probe_video(path: str | Path, limits: VideoLimits | None = None, min_frames: int = 2) -> VideoInfo:
@@ -140,7 +148,7 @@ def probe_video(path: str | Path, limits: VideoLimits | None = None, min_frames:
         if decoded == 0:
             raise VideoError("no frame could be decoded")
         if decoded < min_frames:
-            raise VideoError(f"the video has {decoded} frame(s); at least {min_frames} are needed to see motion")
+            raise VideoTooShort(f"the video has {decoded} frame(s); at least {min_frames} are needed to see motion")
         return info
     finally:
         container.close()
@@ -148,7 +156,7 @@ def probe_video(path: str | Path, limits: VideoLimits | None = None, min_frames:
 
 def _check_frame(frame, limits: VideoLimits) -> None:
     if frame.width * frame.height > limits.max_pixels:
-        raise VideoError(f"a frame is {frame.width}x{frame.height}; at most {limits.max_pixels} pixels are accepted")
+        raise VideoTooLarge(f"a frame is {frame.width}x{frame.height}; at most {limits.max_pixels} pixels are accepted")
 
 
 def resize_plan(width: int, height: int, target_h: int, target_w: int, mode: str) -> tuple[int, int]:
@@ -218,7 +226,7 @@ def cut_clips(frames: np.ndarray, length: int, max_clips: int) -> Clips:
     """
     n = int(frames.shape[0])
     if n < 2:
-        raise VideoError(f"the video has {n} frame(s); at least 2 are needed to see motion")
+        raise VideoTooShort(f"the video has {n} frame(s); at least 2 are needed to see motion")
     count = math.ceil(n / length)
     truncated = count > max_clips
     count = min(count, max_clips)

@@ -1,0 +1,95 @@
+"""JSON errors everywhere: ``{"error": {"code", "message"}}``, for our own errors, validation errors,
+unknown routes and Redis outages alike, and the matching OpenAPI response declarations."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import metrics
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """An error answered as JSON; ``reason`` (if any) is counted in requests_rejected_total."""
+
+    def __init__(self, status: int, code: str, message: str, *, reason: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.reason, self.headers = status, code, message, reason, headers
+
+
+DESCRIPTIONS = {
+    401: "missing or wrong API key",
+    404: "unknown or expired job, or another key's job",
+    409: "the job is not in a state that allows this",
+    413: "upload or video too large",
+    415: "not a video PyAV can decode (or fewer than 2 frames)",
+    422: "bad parameter",
+    429: "too many jobs in flight for this key",
+    503: "queue full or Redis unavailable (see Retry-After)",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for the given error codes."""
+    return {code: {"model": ErrorBody, "description": DESCRIPTIONS[code]} for code in codes}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.reason:
+            metrics.REJECTED.labels(reason=exc.reason).inc()
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.REJECTED.labels(reason="bad_parameter").inc()
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path"))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        metrics.REJECTED.labels(reason="unavailable").inc()
+        log.warning("Redis unavailable: %s", exc)
+        return error_response(
+            503, "unavailable", "the job store is unavailable; retry later", {"Retry-After": str(RETRY_AFTER_S)}
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal server error")

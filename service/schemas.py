@@ -1,0 +1,107 @@
+"""Response models of the HTTP contract (they document the API in OpenAPI)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from service.errors import ErrorDetail
+
+JobState = Literal["queued", "started", "finished", "failed", "canceled"]
+
+
+class JobAccepted(BaseModel):
+    job_id: str = Field(description="128-bit random id, hex")
+    status: JobState
+    status_url: str
+
+
+class LabelScore(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class ClipResult(BaseModel):
+    index: int
+    start_frame: int
+    end_frame: int
+    labels: list[LabelScore]
+    mc_loss_before: float
+    mc_loss_after: float
+    suspected_attack: bool
+    mc_trajectory: list[float] = Field(default_factory=list, description="MC loss per defence step")
+    flow_url: str | None = Field(default=None, description="defended clips: frames + flow before/after (PNG)")
+    mc_loss_url: str | None = Field(default=None, description="defended clips: MC loss per defence step (PNG)")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class JobResult(BaseModel):
+    model: ModelRef
+    defended: bool
+    defense: dict = Field(default_factory=dict, description="steps, epsilon and multi actually used")
+    labels: list[LabelScore] = Field(description="the video's labels: mean of the clips' probabilities")
+    clips: list[ClipResult]
+    video: dict = Field(default_factory=dict, description="source size, fps, decoded and restored frame counts")
+    calibration_threshold: float | None = None
+    timings_ms: dict[str, float] = Field(description="queue, decode, defense, classify, encode, total")
+    restored_url: str | None
+    restored_formats: list[str] = Field(default_factory=list)
+
+
+class JobInfo(BaseModel):
+    job_id: str
+    status: JobState
+    created_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    result: JobResult | None = None
+    error: ErrorDetail | None = None
+
+
+class Canceled(BaseModel):
+    job_id: str
+    status: JobState
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    ready: bool
+    redis: bool
+    workers: int = Field(description="live workers (heartbeat within the last few seconds)")
+    bundle_loaded: bool = Field(description="a live worker has this service's bundle loaded")
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class DefenseDefaults(BaseModel):
+    steps: int
+    step_size: float
+    epsilon: float
+    multi: bool
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_steps: int
+    max_epsilon: float
+    max_top_k: int
+    max_clips: int
+
+
+class ModelsInfo(BaseModel):
+    name: str
+    version: str
+    labels: list[str]
+    input: dict
+    defense: DefenseDefaults
+    calibration: dict | None
+    limits: Limits
