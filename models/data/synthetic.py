@@ -110,7 +110,9 @@ def _texture(g: torch.Generator, size: int) -> Tensor:
 
 def _pixel_grid(size: int) -> Tensor:
     """Pixel-centre coordinates (H, W, 2), (x, y)."""
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     return torch.stack((xs, ys), dim=-1)
 
 
@@ -208,8 +210,9 @@ def make_clip(seed: int, label: int, frames: int = 8, size: int = 64) -> tuple[T
     bg_offset = t.view(-1, 1, 1, 1) * drift.view(1, 1, 1, 2)
     bg_coords = p - bg_offset  # where in the (static) background texture pixel p looks
     bg_norm = 2 * (bg_coords + 0.5 + _BG_MARGIN) / bg_size - 1
-    image = F.grid_sample(bg_tex.expand(frames, -1, -1, -1), bg_norm, mode="bilinear", align_corners=False,
-                          padding_mode="border")
+    image = F.grid_sample(
+        bg_tex.expand(frames, -1, -1, -1), bg_norm, mode="bilinear", align_corners=False, padding_mode="border"
+    )
     flow = drift.view(1, 2, 1, 1).expand(frames, 2, size, size).clone()
 
     # Objects, back to front; the motion draws use a label-specific generator so appearance does not
@@ -226,8 +229,9 @@ def make_clip(seed: int, label: int, frames: int = 8, size: int = 64) -> tuple[T
         dist = _shape_distance(q, shape)
         px_per_unit = track["scale"].view(-1, 1, 1) * aspect.min()
         alpha = ((1.0 - dist) * px_per_unit + 0.5).clamp(0, 1).unsqueeze(1)  # ~1 px anti-aliased edge
-        colour = F.grid_sample(tex.expand(frames, -1, -1, -1), q, mode="bilinear", align_corners=False,
-                               padding_mode="border")
+        colour = F.grid_sample(
+            tex.expand(frames, -1, -1, -1), q, mode="bilinear", align_corners=False, padding_mode="border"
+        )
         image = image * (1 - alpha) + colour * alpha
         # Exact flow of this object's surface: where q lands in the next frame.
         nxt = {k: torch.cat((v[1:], v[-1:])) for k, v in track.items()}  # last frame's flow is dropped
