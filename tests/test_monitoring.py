@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -263,6 +264,7 @@ EXPORTED_METRICS = {
     "motionguard_mc_loss_suspected_share",
     "motionguard_mc_loss_drift_window_clips",
     "motionguard_model_info",
+    "motionguard_workers",
     "motionguard_requests_rejected_total",
 }
 HISTOGRAMS = {"motionguard_job_seconds", "motionguard_mc_loss"}
@@ -342,7 +344,7 @@ def test_dashboard_covers_the_issue():
         "motionguard:suspected_attack_ratio:rate5m",
         "motionguard:queue_depth:max",
         "motionguard:job_seconds:p95_5m",  # latency percentiles per stage
-        "motionguard:workers_up:sum",
+        "motionguard:workers_live:sum",
     ):
         assert needed in used, needed
     heatmaps = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
@@ -369,3 +371,325 @@ def test_grafana_provisioning():
     assert datasources[0]["type"] == "prometheus" and datasources[0]["url"] == "http://prometheus:9090"
     providers = yaml.safe_load((prov / "dashboards" / "motionguard.yml").read_text())["providers"]
     assert providers[0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+# --------------------------------------------------------------------------------- integration
+# A real Prometheus (Debian package, loopback, 1 s scrapes, the repository's rules) scrapes the API
+# started with the command docker-compose.yml runs, in front of two `motionguard worker` processes
+# (the compose worker command) on a tiny random bundle calibrated here on clean synthetic clips.
+
+PROMETHEUS = shutil.which("prometheus")
+SHIFTS = [(1, 0), (2, 1), (0, 2), (-1, 1), (2, -2), (1, 1)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _mixed_video(path: Path, seed: int, clips: int, noise: float = 0.0) -> Path:
+    """``clips`` 4-frame clips of independent textures and motions, one after the other (H.264).
+
+    ``noise`` > 0 adds strong uniform pixel noise: a stand-in for attacked clips (high MC loss)."""
+    import numpy as np
+
+    from worker.video import encode_mp4, to_uint8
+
+    from helpers_video import translating_clip
+
+    rng = np.random.default_rng(seed)
+    parts = [
+        translating_clip(4, 64, SHIFTS[rng.integers(len(SHIFTS))], int(rng.integers(1 << 30)))[0].numpy()
+        for _ in range(clips)
+    ]
+    frames = np.concatenate(parts)
+    if noise:
+        frames = np.clip(frames + rng.uniform(-noise, noise, frames.shape), 0, 1)
+    encode_mp4(to_uint8(frames.astype(np.float32)), path)
+    return path
+
+
+def _calibrate(bundle_dir: Path, videos: list[Path]) -> list[float]:
+    """Clean calibration through the worker's own code path (decode, cut, MC loss before defence)."""
+    import statistics
+
+    from models.bundle import load_bundle
+    from models.bundle_meta import Calibration, read_bundle_meta, write_bundle_meta
+    from worker.inference import analyse_video
+
+    bundle = load_bundle(bundle_dir)
+    sample = []
+    for video in videos:
+        result, _ = analyse_video(video, bundle, defend=False, max_clips=64)
+        sample += [clip["mc_loss_before"] for clip in result["clips"]]
+    ordered = sorted(sample)
+
+    def q(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+    meta = read_bundle_meta(bundle_dir)
+    meta.calibration = Calibration(
+        n=len(sample),
+        quantiles={str(p): q(p) for p in (0.01, 0.1, 0.5, 0.9, 0.99)},
+        mean=statistics.fmean(sample),
+        std=statistics.pstdev(sample),
+        threshold=q(0.99),
+        threshold_quantile=0.99,
+        sample=sample,
+    )
+    write_bundle_meta(bundle_dir, meta)
+    return sample
+
+
+class _Prometheus:
+    def __init__(self, workdir: Path, api_port: int):
+        yaml = pytest.importorskip("yaml")
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        rules_dir = workdir / "rules"
+        rules_dir.mkdir()
+        for path in RULES:  # the repository's rules, evaluated every second
+            doc = yaml.safe_load(path.read_text())
+            for group in doc["groups"]:
+                group["interval"] = "1s"
+            (rules_dir / path.name).write_text(yaml.safe_dump(doc))
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules_dir / "*.yml")],
+            "scrape_configs": [
+                {
+                    "job_name": "motionguard-api",
+                    "scrape_interval": "1s",
+                    "static_configs": [{"targets": [f"127.0.0.1:{api_port}"]}],
+                }
+            ],
+        }
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = open(workdir / "prometheus.log", "wb")
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def query(self, expr: str) -> list[dict]:
+        import httpx
+
+        body = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=5).json()
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def wait_for(self, expr: str, predicate, timeout: float = 30.0):
+        import time
+
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                last = self.query(expr)
+                if predicate(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"{expr}: condition not met in {timeout} s; last result {last}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _compose_command(service: str) -> list[str]:
+    yaml = pytest.importorskip("yaml")
+    command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"][service]["command"]
+    assert command[0] == "motionguard"
+    return command
+
+
+def _wait_job(api: str, job_id: str, timeout: float = 120.0) -> dict:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{api}/jobs/{job_id}", timeout=10).json()
+        if body["status"] in ("finished", "failed", "canceled"):
+            return body
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} not done: {body}")
+
+
+def _run_jobs(api: str, videos: list[Path]) -> list[dict]:
+    import httpx
+
+    ids = []
+    for video in videos:
+        with open(video, "rb") as handle:
+            response = httpx.post(
+                f"{api}/classify", params={"defend": "false"}, files={"file": (video.name, handle)}, timeout=30
+            )
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["job_id"])
+    return [_wait_job(api, job_id) for job_id in ids]
+
+
+def _alert_expr(name: str) -> str:
+    yaml = pytest.importorskip("yaml")
+    for path in RULES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if rule.get("alert") == name:
+                    return rule["expr"]
+    raise KeyError(name)
+
+
+def _service_missing() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is None for name in ("service.serve", "service.app", "worker.main"))
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus server absent (Debian package 'prometheus')")
+@pytest.mark.skipif(_service_missing(), reason="the service (service.serve, service.app, worker.main) is not built yet")
+def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
+    """Clean clips keep the drift alert expression empty; a burst of attacked clips makes it fire."""
+    import os
+    import time
+
+    import httpx
+
+    redis = pytest.importorskip("redis")
+    redis_url = "redis://127.0.0.1:6379/0"
+    try:
+        redis.Redis.from_url(redis_url, socket_connect_timeout=0.5).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at 127.0.0.1:6379: {exc}")
+    from models.bundle import make_random_bundle
+
+    t_start = time.monotonic()
+    bundle_dir = make_random_bundle(tmp_path / "bundle")
+    clean_sample = _calibrate(bundle_dir, [_mixed_video(tmp_path / f"cal{i}.mp4", i, 40) for i in (1, 2)])
+    window = 30
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        **os.environ,
+        "MOTIONGUARD_REDIS_URL": redis_url,
+        "MOTIONGUARD_QUEUE_NAME": f"mgmon-{tag}",
+        "MOTIONGUARD_KEY_PREFIX": f"mgmon-{tag}",
+        "MOTIONGUARD_BUNDLE_DIR": str(bundle_dir),
+        "MOTIONGUARD_DATA_DIR": str(tmp_path / "data"),
+        "MOTIONGUARD_DRIFT_WINDOW": str(window),
+        "MOTIONGUARD_MAX_CLIPS": "40",
+        "MOTIONGUARD_HEARTBEAT_TTL_S": "3",
+        "MOTIONGUARD_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("MOTIONGUARD_API_KEYS", None)
+    api_port = _free_port()
+    api_cmd = _compose_command("api")[1:]
+    api_cmd[api_cmd.index("--host") + 1] = "127.0.0.1"  # loopback only
+    api_cmd[api_cmd.index("--port") + 1] = str(api_port)
+    commands = [api_cmd, _compose_command("worker")[1:], _compose_command("worker")[1:]]
+    procs, logs = [], []
+    prometheus = None
+    api = f"http://127.0.0.1:{api_port}"
+    try:
+        for i, argv in enumerate(commands):
+            logs.append(open(tmp_path / f"proc{i}.log", "wb"))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", *argv],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        prometheus = _Prometheus(tmp_path / "prom", api_port)
+        deadline = time.monotonic() + 120
+        while True:
+            assert all(p.poll() is None for p in procs), f"a service process exited; logs in {tmp_path}"
+            try:
+                if httpx.get(f"{api}/readyz", timeout=2).json().get("workers", 0) >= 2:
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert time.monotonic() < deadline, "service not ready"
+            time.sleep(0.5)
+
+        # clean traffic: two jobs, one per worker, fill the window
+        clean_jobs = _run_jobs(api, [_mixed_video(tmp_path / f"clean{i}.mp4", 10 + i, window // 2) for i in (0, 1)])
+        assert all(job["status"] == "finished" for job in clean_jobs), clean_jobs
+        clean_values = [c["mc_loss_before"] for job in clean_jobs for c in job["result"]["clips"]]
+        full = prometheus.wait_for(
+            "motionguard:mc_loss_drift_window_clips:max", lambda r: r and float(r[0]["value"][1]) >= window
+        )
+        assert full[0]["metric"]["model"] == "random-test" and full[0]["metric"]["version"] == "0"
+        prometheus.wait_for("motionguard:mc_loss_drift:max", lambda r: bool(r))
+        time.sleep(2)  # a few more evaluations on the full clean window
+        clean_drift = float(prometheus.query("motionguard:mc_loss_drift:max")[0]["value"][1])
+        assert prometheus.query(_alert_expr("MotionguardMCLossDrift")) == []
+        # both workers' figures reached the scrape: every finished job and every clip is counted
+        prometheus.wait_for(
+            'sum(motionguard_jobs_finished_total{status="finished"})', lambda r: r and float(r[0]["value"][1]) == 2
+        )
+        prometheus.wait_for(
+            'sum(motionguard_mc_loss_count{phase="before"})', lambda r: r and float(r[0]["value"][1]) == window
+        )
+
+        # a burst of attacked clips
+        attacked_jobs = _run_jobs(
+            api, [_mixed_video(tmp_path / f"attacked{i}.mp4", 20 + i, window // 2, noise=0.3) for i in (0, 1)]
+        )
+        assert all(job["status"] == "finished" for job in attacked_jobs), attacked_jobs
+        attacked_values = [c["mc_loss_before"] for job in attacked_jobs for c in job["result"]["clips"]]
+        fired = prometheus.wait_for(_alert_expr("MotionguardMCLossDrift"), lambda r: bool(r))
+        attacked_drift = float(fired[0]["value"][1])
+        assert attacked_drift > DRIFT_ALERT_THRESHOLD
+        share = float(prometheus.query("motionguard:mc_loss_suspected_share:max")[0]["value"][1])
+        alerts = httpx.get(f"{prometheus.url}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+        assert any(a["labels"]["alertname"] == "MotionguardMCLossDrift" for a in alerts)  # pending (for: 5m)
+
+        # every dashboard query is valid PromQL against the live server
+        for _title, expr in _dashboard_exprs(json.loads(DASHBOARD.read_text())):
+            expr = expr.replace("$__rate_interval", "1m").replace("$model", ".*")
+            prometheus.query(expr)  # asserts status == success
+        print(
+            f"\nclean drift {clean_drift:.3f} (clips {min(clean_values):.4f}..{max(clean_values):.4f}, "
+            f"calibration {min(clean_sample):.4f}..{max(clean_sample):.4f}); attacked drift {attacked_drift:.3f} "
+            f"(clips {min(attacked_values):.4f}..{max(attacked_values):.4f}), suspected share {share:.2f}; "
+            f"{time.monotonic() - t_start:.0f} s"
+        )
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()
+        if prometheus is not None:
+            prometheus.stop()
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(f"mgmon-{tag}*"):
+            client.delete(key)
+        for key in client.scan_iter(f"rq:*mgmon-{tag}*"):
+            client.delete(key)
