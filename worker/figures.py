@@ -150,6 +150,9 @@ def mc_loss_png(
     ax.set_ylabel("MC loss")
     if values.size > 1:
         ax.set_xlim(0, values.size - 1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title or "MC loss over the defence steps", fontsize=10)
