@@ -1,0 +1,121 @@
+"""``motionguard train-demo``: train the demo RAFT-small + I3D pair on MotionShapes and bundle it.
+
+Stages run in order (raft -> i3d -> bundle, which ends with the clean MC-loss calibration); each is
+resumable, so re-running the same command after an interruption continues where it stopped. Torch is
+imported inside ``run`` only, so ``motionguard --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STAGES = ("raft", "i3d", "bundle", "all")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="checkpoints, caches, logs")
+    parser.add_argument("--stage", choices=STAGES, default="all")
+    parser.add_argument("--frames", type=int, default=8, help="frames per clip (T)")
+    parser.add_argument("--size", type=int, default=64, help="clip height = width in pixels")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on shared cores OpenMP barriers stall under contention)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("RAFT stage")
+    g.add_argument("--raft-steps", type=int, default=100_000, help="step budget (whichever budget ends first)")
+    g.add_argument("--raft-minutes", type=float, default=32.0, help="wall-clock budget of the RAFT stage")
+    g.add_argument("--raft-batch", type=int, default=16)
+    g.add_argument("--raft-lr", type=float, default=4e-4)
+    g.add_argument("--raft-eval-clips", type=int, default=24)
+    g = parser.add_argument_group("I3D stage")
+    g.add_argument("--i3d-epochs", type=int, default=12)
+    g.add_argument("--i3d-minutes", type=float, default=20.0, help="wall-clock budget of the I3D stage")
+    g.add_argument("--i3d-width", type=float, default=0.25, help="I3D channel width multiplier")
+    g.add_argument("--i3d-train-clips", type=int, default=600, help="training clips through RAFT (flows cached once)")
+    g.add_argument("--i3d-gt-clips", type=int, default=1500, help="extra training clips with exact flow (cheap)")
+    g.add_argument("--i3d-val-clips", type=int, default=150)
+    g.add_argument(
+        "--i3d-noisy-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of training clips also cached with +-12/255 uniform noise",
+    )
+    g.add_argument("--i3d-lr", type=float, default=3e-3)
+    g.add_argument("--i3d-batch", type=int, default=32)
+    g = parser.add_argument_group("bundle stage")
+    g.add_argument("--out", type=Path, default=Path("models/bundles/motionshapes-v1"))
+    g.add_argument("--name", default="motionshapes")
+    g.add_argument("--version", default="1")
+    g.add_argument("--calib-clips", type=int, default=200, help="clean val clips for the MC-loss calibration")
+    g.add_argument("--test-clips", type=int, default=200, help="test clips for EPE and undefended accuracy")
+    g.add_argument("--defended-test-clips", type=int, default=0, help="of those, how many also run defended")
+    g.add_argument("--no-calibrate", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from models import train
+
+    torch.set_num_threads(args.threads)
+    command = "motionguard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    stages = ("raft", "i3d", "bundle") if args.stage == "all" else (args.stage,)
+    if "raft" in stages:
+        summary = train.train_raft(
+            train.RaftTrainConfig(
+                run_dir=args.run_dir,
+                max_steps=args.raft_steps,
+                max_minutes=args.raft_minutes,
+                batch_size=args.raft_batch,
+                lr=args.raft_lr,
+                frames=args.frames,
+                size=args.size,
+                eval_clips=args.raft_eval_clips,
+                seed=args.seed,
+            )
+        )
+        log.info("RAFT stage done: %s", summary)
+    if "i3d" in stages:
+        summary = train.train_i3d(
+            train.I3DTrainConfig(
+                run_dir=args.run_dir,
+                epochs=args.i3d_epochs,
+                max_minutes=args.i3d_minutes,
+                width=args.i3d_width,
+                train_clips=args.i3d_train_clips,
+                val_clips=args.i3d_val_clips,
+                noisy_fraction=args.i3d_noisy_fraction,
+                gt_clips=args.i3d_gt_clips,
+                lr=args.i3d_lr,
+                batch_size=args.i3d_batch,
+                frames=args.frames,
+                size=args.size,
+                seed=args.seed,
+            )
+        )
+        log.info("I3D stage done: %s", summary)
+    if "bundle" in stages:
+        out = train.bundle_demo(
+            args.run_dir,
+            args.out,
+            name=args.name,
+            version=args.version,
+            frames=args.frames,
+            size=args.size,
+            width=args.i3d_width,
+            command=command,
+            calib_clips=0 if args.no_calibrate else args.calib_clips,
+            test_clips=args.test_clips,
+            defended_test_clips=args.defended_test_clips,
+        )
+        print(out)
+    return 0
