@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"redis_url": embedded.url})
         env["MOTIONGUARD_REDIS_URL"] = embedded.url
     env["MOTIONGUARD_DATA_DIR"] = str(Path(settings.data_dir).resolve())
+    if args.workers > 0 and not settings.torch_threads:
+        # N workers each using every core would oversubscribe the CPU: share the cores out.
+        env["MOTIONGUARD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     settings = settings.model_copy(update={"data_dir": Path(env["MOTIONGUARD_DATA_DIR"])})
     supervisor = WorkerSupervisor(args.workers, env, args.device) if args.workers > 0 else None
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
