@@ -64,4 +64,5 @@ def job_info(connection: Redis, settings: Settings, job: Job) -> JobInfo:
         ended_at=job.ended_at,
         result=result,
         error=error,
+        queue_position=job.get_position() if state == "queued" else None,
     )

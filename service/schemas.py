@@ -63,6 +63,7 @@ class JobInfo(BaseModel):
     ended_at: datetime | None
     result: JobResult | None = None
     error: ErrorDetail | None = None
+    queue_position: int | None = Field(default=None, description="queued jobs: how many jobs wait ahead of it")
 
 
 class Canceled(BaseModel):

@@ -177,6 +177,11 @@ def test_clip_pictures_while_queued_are_409(web_api):
     make_queue(connection, settings).enqueue(JOB_FUNCTION, {}, job_id=job_id, meta={"owner": owner_of("key-one")})
     response = client.get(f"/jobs/{job_id}/clips/0/flow.png", headers=_auth("key-one"))
     assert response.status_code == 409 and response.json()["error"]["code"] == "not_finished"
+    # The page shows how many jobs wait ahead of a queued one.
+    second = secrets.token_hex(16)
+    make_queue(connection, settings).enqueue(JOB_FUNCTION, {}, job_id=second, meta={"owner": owner_of("key-one")})
+    ahead = [client.get(f"/jobs/{i}", headers=_auth("key-one")).json()["queue_position"] for i in (job_id, second)]
+    assert ahead[1] == ahead[0] + 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,9 +218,9 @@
   // ---- polling ------------------------------------------------------------------------------
 
   function queueText(data) {
-    const position = data.position ?? data.queue_position ?? data.position_in_queue;
-    if (typeof position === "number") {
-      return position <= 0 ? " (next in line)" : " (position " + position + " in the queue)";
+    const ahead = data.queue_position; // jobs waiting ahead of this one
+    if (typeof ahead === "number") {
+      return ahead <= 0 ? " (next in line)" : " (" + ahead + (ahead === 1 ? " job" : " jobs") + " ahead in the queue)";
     }
     return "";
   }
