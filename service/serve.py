@@ -114,13 +114,27 @@ def run(args: argparse.Namespace) -> int:
     settings = settings.model_copy(update={"data_dir": Path(env["MOTIONGUARD_DATA_DIR"])})
     supervisor = WorkerSupervisor(args.workers, env, args.device) if args.workers > 0 else None
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
+    received: list[int] = []
+
+    def note_signal(signum: int, frame) -> None:
+        # uvicorn re-raises the signal that stopped it once it is done; with the default SIGTERM
+        # action that would kill this process before the workers and Redis are stopped.
+        received.append(signum)
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, note_signal)
+    signal.signal(signal.SIGTERM, note_signal)
     try:
         if supervisor:
             supervisor.start()
-        server.run()  # returns after SIGINT/SIGTERM (uvicorn's own handlers), or at once if it cannot bind
+        if not received:
+            server.run()  # returns after SIGINT/SIGTERM, or at once if it cannot bind
     finally:
         if supervisor:
             supervisor.stop(args.grace)
         if embedded:
             embedded.stop()
+    if received:
+        log.info("stopped by %s", signal.Signals(received[0]).name)
+        return 0
     return 0 if server.started else 1
