@@ -30,7 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=8, help="measured jobs (after one warm-up job per worker)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (and concurrent clients)")
     parser.add_argument("--bundle", type=Path, default=None, help="bundle (default: MOTIONGUARD_BUNDLE_DIR / demo)")
-    parser.add_argument("--random-bundle", action="store_true", help="use a tiny random bundle (no demo needed)")
+    parser.add_argument("--random-bundle", action="store_true", help="use a random bundle (no demo bundle needed)")
+    parser.add_argument("--random-frames", type=int, default=16, help="random bundle: frames per clip")
+    parser.add_argument("--random-size", type=int, default=128, help="random bundle: clip height and width")
+    parser.add_argument("--random-steps", type=int, default=20, help="random bundle: its default defence steps")
     parser.add_argument("--steps", type=int, default=None, help="defence steps (default: the bundle's)")
     parser.add_argument("--clips", type=int, default=1, help="clips per uploaded video")
     parser.add_argument("--poll-ms", type=float, default=10.0, help="status polling interval")
@@ -105,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if args.random_bundle:
         from models.bundle import make_random_bundle
 
-        bundle_dir = make_random_bundle(work / "bundle", frames=8, size=64)
+        bundle_dir = make_random_bundle(
+            work / "bundle", frames=args.random_frames, size=args.random_size, steps=args.random_steps
+        )
     meta = read_bundle_meta(bundle_dir)
     steps = args.steps if args.steps is not None else meta.defense.steps
     video_path = work / "bench.mp4"
