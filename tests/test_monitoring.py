@@ -450,7 +450,7 @@ class _Prometheus:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         rules_dir = workdir / "rules"
-        rules_dir.mkdir()
+        rules_dir.mkdir(parents=True)
         for path in RULES:  # the repository's rules, evaluated every second
             doc = yaml.safe_load(path.read_text())
             for group in doc["groups"]:
@@ -662,8 +662,13 @@ def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
         attacked_drift = float(fired[0]["value"][1])
         assert attacked_drift > DRIFT_ALERT_THRESHOLD
         share = float(prometheus.query("motionguard:mc_loss_suspected_share:max")[0]["value"][1])
-        alerts = httpx.get(f"{prometheus.url}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
-        assert any(a["labels"]["alertname"] == "MotionguardMCLossDrift" for a in alerts)  # pending (for: 5m)
+        deadline = time.monotonic() + 15
+        while True:  # the alerting group evaluates on its own schedule: pending (for: 5m) soon after
+            alerts = httpx.get(f"{prometheus.url}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+            if any(a["labels"]["alertname"] == "MotionguardMCLossDrift" for a in alerts):
+                break
+            assert time.monotonic() < deadline, f"MotionguardMCLossDrift not pending: {alerts}"
+            time.sleep(0.5)
 
         # every dashboard query is valid PromQL against the live server
         for _title, expr in _dashboard_exprs(json.loads(DASHBOARD.read_text())):

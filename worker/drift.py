@@ -54,6 +54,7 @@ __all__ = [
     "DriftSnapshot",
     "DriftWindow",
     "calibration_reference",
+    "drift_families",
     "drift_snapshot",
     "ks_pvalue",
     "ks_statistic",
@@ -323,13 +324,42 @@ class DriftWindow:
         return sorted(windows, key=lambda w: (w.model, w.version))
 
 
-class DriftCollector:
-    """A ``prometheus_client`` collector: reads every bundle's window from Redis at scrape time.
+def drift_families(redis, prefix: str = KEY_PREFIX) -> list:
+    """The drift gauges of every bundle's window, as ``prometheus_client`` metric families.
 
-    Register it once in the exporting process (``REGISTRY.register(DriftCollector(redis))``).  It yields
     ``motionguard_mc_loss_drift``, ``motionguard_mc_loss_suspected_share`` and
-    ``motionguard_mc_loss_drift_window_clips`` with ``model`` and ``version`` labels.  A Redis error makes
-    it yield nothing (the scrape still succeeds, and absent series are what the alerts expect).
+    ``motionguard_mc_loss_drift_window_clips``, labelled ``model`` and ``version``.  Raises on Redis errors
+    (the caller decides; a scrape should usually go on without these series).
+    """
+    from prometheus_client.core import GaugeMetricFamily
+
+    labels = ["model", "version"]
+    drift = GaugeMetricFamily(
+        "motionguard_mc_loss_drift",
+        "Two-sample KS distance in [0,1] between the recent window of clips' MC loss before defence "
+        "and the bundle's clean calibration",
+        labels=labels,
+    )
+    share = GaugeMetricFamily(
+        "motionguard_mc_loss_suspected_share",
+        "Share of suspected attacks among the recent window of clips",
+        labels=labels,
+    )
+    clips = GaugeMetricFamily("motionguard_mc_loss_drift_window_clips", "Clips in the drift window", labels=labels)
+    for window in DriftWindow.known(redis, prefix):
+        snap = window.snapshot()
+        key = [window.model, window.version]
+        drift.add_metric(key, snap.drift)
+        share.add_metric(key, snap.suspected_share)
+        clips.add_metric(key, snap.clips)
+    return [drift, share, clips]
+
+
+class DriftCollector:
+    """A ``prometheus_client`` collector over :func:`drift_families` (for a process with its own registry).
+
+    A Redis error makes it yield nothing: the scrape still succeeds, and absent series are what the
+    alerts expect.
     """
 
     def __init__(self, redis, prefix: str = KEY_PREFIX):
@@ -339,30 +369,8 @@ class DriftCollector:
         return []  # collected lazily: no Redis round trip at registration
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
-        labels = ["model", "version"]
-        drift = GaugeMetricFamily(
-            "motionguard_mc_loss_drift",
-            "Two-sample KS distance in [0,1] between the recent window of clips' MC loss before defence "
-            "and the bundle's clean calibration",
-            labels=labels,
-        )
-        share = GaugeMetricFamily(
-            "motionguard_mc_loss_suspected_share",
-            "Share of suspected attacks among the recent window of clips",
-            labels=labels,
-        )
-        clips = GaugeMetricFamily("motionguard_mc_loss_drift_window_clips", "Clips in the drift window", labels=labels)
         try:
-            for window in DriftWindow.known(self.redis, self.prefix):
-                snap = window.snapshot()
-                key = [window.model, window.version]
-                drift.add_metric(key, snap.drift)
-                share.add_metric(key, snap.suspected_share)
-                clips.add_metric(key, snap.clips)
+            families = drift_families(self.redis, self.prefix)
         except Exception:  # noqa: BLE001 - a scrape must not fail because Redis is down
             return
-        yield drift
-        yield share
-        yield clips
+        yield from families

@@ -5,13 +5,20 @@ counters and fixed-bucket histograms in Redis, and ``service.metrics`` turns tho
 Prometheus families of the design (``motionguard_jobs_finished_total``, ``motionguard_job_seconds``,
 ``motionguard_mc_loss``, ``motionguard_suspected_attacks_total``, the MC-loss drift window).
 Torch-free: the API imports the bucket definitions and key names from here.
+
+Every figure is kept per bundle (``model``/``version`` labels): counters and histograms under keys
+that end in the bundle's name and version, listed in the ``metrics:bundles`` set; each clip's MC loss
+and suspected flag go to the bundle's drift window (``worker.drift.DriftWindow``, with the bundle's
+clean calibration published next to it), from which the API computes ``motionguard_mc_loss_drift``.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from redis import Redis
 
@@ -24,15 +31,59 @@ MC_LOSS_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1,
 STAGES = ("queue", "decode", "defense", "classify", "encode", "total")
 
 COUNTERS_KEY = "metrics:counters"
-MC_WINDOW_KEY = "metrics:mc_window"
+BUNDLES_KEY = "metrics:bundles"
+DRIFT_KEY = "drift"
 
 
-def hist_key(settings: Settings, name: str, label: str) -> str:
-    return settings.key("metrics", "hist", name, label)
+def hist_key(settings: Settings, name: str, label: str, model: str = "", version: str = "") -> str:
+    return settings.key("metrics", "hist", name, label, model, version)
 
 
-def _observe(pipe, settings: Settings, name: str, label: str, buckets: tuple[float, ...], values: Iterable[float]):
-    key = hist_key(settings, name, label)
+def counters_key(settings: Settings, model: str = "", version: str = "") -> str:
+    return settings.key(COUNTERS_KEY, model, version)
+
+
+def bundles(connection: Redis, settings: Settings) -> list[tuple[str, str]]:
+    """The (model, version) pairs some worker has recorded metrics for."""
+    out = set()
+    for raw in connection.smembers(settings.key(BUNDLES_KEY)):
+        try:
+            model, version = json.loads(raw)
+            out.add((str(model), str(version)))
+        except (ValueError, TypeError):
+            continue
+    return sorted(out)
+
+
+def drift_prefix(settings: Settings) -> str:
+    return settings.key(DRIFT_KEY)
+
+
+def _served_bundle() -> tuple[str, str, Any]:
+    """(name, version, calibration) of the bundle this worker process has loaded, else ("", "", None).
+
+    Reads the worker's runtime state without loading anything: a metric never loads a model.
+    """
+    from worker import runtime
+
+    bundle = runtime._state.get("bundle")
+    meta = getattr(bundle, "meta", None)
+    if meta is None:
+        return "", "", None
+    return meta.name, meta.version, meta.calibration
+
+
+def _observe(
+    pipe,
+    settings: Settings,
+    name: str,
+    label: str,
+    buckets: tuple[float, ...],
+    values: Iterable[float],
+    model: str = "",
+    version: str = "",
+):
+    key = hist_key(settings, name, label, model, version)
     for value in values:
         index = bisect.bisect_left(buckets, value)
         pipe.hincrby(key, "inf" if index == len(buckets) else repr(buckets[index]), 1)
@@ -48,20 +99,35 @@ def record_job(
     mc_before: list[float] | None = None,
     mc_after: list[float] | None = None,
     suspected: int = 0,
+    *,
+    model: str | None = None,
+    version: str | None = None,
+    calibration: Any = None,
 ) -> None:
-    """Add one ended job to the shared metrics; never fails the job if Redis hiccups."""
+    """Add one ended job to the shared metrics; never fails the job if Redis hiccups.
+
+    ``model``/``version``/``calibration`` default to the bundle this worker process serves.
+    """
+    if model is None:
+        model, version, calibration = _served_bundle()
+    version = version or ""
     try:
         with connection.pipeline(transaction=False) as pipe:
-            pipe.hincrby(settings.key(COUNTERS_KEY), f"jobs_finished:{status}", 1)
+            pipe.sadd(settings.key(BUNDLES_KEY), json.dumps([model, version]))
+            pipe.hincrby(counters_key(settings, model, version), f"jobs_finished:{status}", 1)
             for stage, seconds in (stage_seconds or {}).items():
-                _observe(pipe, settings, "job_seconds", stage, SECONDS_BUCKETS, [seconds])
-            _observe(pipe, settings, "mc_loss", "before", MC_LOSS_BUCKETS, mc_before or [])
-            _observe(pipe, settings, "mc_loss", "after", MC_LOSS_BUCKETS, mc_after or [])
+                _observe(pipe, settings, "job_seconds", stage, SECONDS_BUCKETS, [seconds], model, version)
+            _observe(pipe, settings, "mc_loss", "before", MC_LOSS_BUCKETS, mc_before or [], model, version)
+            _observe(pipe, settings, "mc_loss", "after", MC_LOSS_BUCKETS, mc_after or [], model, version)
             if suspected:
-                pipe.hincrby(settings.key(COUNTERS_KEY), "suspected_attacks", suspected)
-            if mc_before:
-                pipe.lpush(settings.key(MC_WINDOW_KEY), *[repr(float(v)) for v in mc_before])
-                pipe.ltrim(settings.key(MC_WINDOW_KEY), 0, settings.drift_window - 1)
+                pipe.hincrby(counters_key(settings, model, version), "suspected_attacks", suspected)
             pipe.execute()
+        if mc_before and model:
+            from worker.drift import DriftWindow
+
+            window = DriftWindow(connection, model, version, settings.drift_window, prefix=drift_prefix(settings))
+            threshold = getattr(calibration, "threshold", None)
+            window.publish_calibration(calibration)
+            window.record_many((float(v), threshold is not None and float(v) > threshold) for v in mc_before)
     except Exception:  # noqa: BLE001 - metrics must never fail a job
         log.warning("could not record job metrics", exc_info=True)
