@@ -632,9 +632,23 @@ def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
             assert time.monotonic() < deadline, "service not ready"
             time.sleep(0.5)
 
+        # the workers' container health check sees their heartbeats (and not another deployment's)
+        healthcheck = [sys.executable, str(ROOT / "docker" / "worker_healthcheck.py")]
+        assert subprocess.run(healthcheck, env=env, cwd=ROOT, capture_output=True, timeout=60).returncode == 0
+        elsewhere = {**env, "MOTIONGUARD_KEY_PREFIX": f"nobody-{tag}"}
+        assert subprocess.run(healthcheck, env=elsewhere, cwd=ROOT, capture_output=True, timeout=60).returncode == 1
+
         # clean traffic: two jobs, one per worker, fill the window
         clean_jobs = _run_jobs(api, [_mixed_video(tmp_path / f"clean{i}.mp4", 10 + i, window // 2) for i in (0, 1)])
         assert all(job["status"] == "finished" for job in clean_jobs), clean_jobs
+        from rq.job import Job
+        from rq.serializers import JSONSerializer
+
+        connection = redis.Redis.from_url(redis_url)
+        ran_on = {
+            Job.fetch(job["job_id"], connection=connection, serializer=JSONSerializer).worker_name for job in clean_jobs
+        }
+        assert len(ran_on) == 2, f"both jobs ran on {ran_on}"
         clean_values = [c["mc_loss_before"] for job in clean_jobs for c in job["result"]["clips"]]
         full = prometheus.wait_for(
             "motionguard:mc_loss_drift_window_clips:max", lambda r: r and float(r[0]["value"][1]) >= window
