@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     )
     server_log = open(work / "serve.log", "wb")
     cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
+    cmd.append("--no-access-log")  # one log line per status poll would be measured as overhead
     server = subprocess.Popen(cmd, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -153,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
         def client_loop(warmup: bool) -> None:
             with httpx.Client(base_url=base, timeout=600) as client:
                 if warmup:
-                    _run_job(client, video, params, poll_s)
+                    try:
+                        _run_job(client, video, params, poll_s)
+                    except BaseException as exc:  # noqa: BLE001 - reported after the run
+                        errors.append(exc)
                     return
                 while True:
                     with lock:
@@ -169,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
                         samples.append(sample)
 
         for warmup in (True, False):
+            if errors:
+                break
             threads = [threading.Thread(target=client_loop, args=(warmup,)) for _ in range(args.workers)]
             started = time.perf_counter()
             for thread in threads:

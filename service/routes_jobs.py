@@ -102,8 +102,15 @@ async def classify(
     if idempotency_key:
         existing = await run_in_threadpool(admission.reserve_idempotency, connection, settings, owner, idempotency_key)
         if existing:
-            job = await run_in_threadpool(fetch_owned, connection, existing, owner)
-            return _accepted(job.id, state_of(job))
+            try:
+                job = await run_in_threadpool(fetch_owned, connection, existing, owner)
+                return _accepted(job.id, state_of(job))
+            except ApiError:  # the earlier job has expired: this request starts a new one
+                admission.release_idempotency(connection, settings, owner, idempotency_key)
+                if await run_in_threadpool(admission.reserve_idempotency, connection, settings, owner, idempotency_key):
+                    raise ApiError(
+                        409, "idempotency_in_progress", "retry: this Idempotency-Key was just reused"
+                    ) from None
     try:
         await run_in_threadpool(admission.check_queue, connection, settings)
         await run_in_threadpool(admission.check_inflight, connection, settings, owner)

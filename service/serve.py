@@ -28,6 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1, help="model worker processes (0: API only)")
     parser.add_argument("--device", default=None, help="workers' device: cpu or cuda[:n]")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds workers get to finish on shutdown")
 
 
@@ -57,6 +58,7 @@ class WorkerSupervisor(threading.Thread):
         super().__init__(name="motionguard-workers", daemon=True)
         self.count, self.env, self.device = count, env, device
         self.procs: list[subprocess.Popen | None] = [None] * count
+        self.started_at = [0.0] * count
         self.stopping = threading.Event()
 
     def _spawn(self, index: int) -> subprocess.Popen:
@@ -66,17 +68,35 @@ class WorkerSupervisor(threading.Thread):
         # Own process group: a Ctrl+C in the terminal reaches the serve process only, which then
         # shuts the workers down in order (warm) instead of all at once.
         proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+        self.started_at[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, proc.pid)
         return proc
 
     def run(self) -> None:
         for i in range(self.count):
             self.procs[i] = self._spawn(i)
-        while not self.stopping.wait(1.0):
+        backoff = [1.0] * self.count
+        due = [0.0] * self.count
+        while not self.stopping.wait(0.5):
             for i, proc in enumerate(self.procs):
-                if proc is not None and proc.poll() is not None and not self.stopping.is_set():
-                    log.warning("worker %d (pid %d) exited with %s; restarting", i, proc.pid, proc.returncode)
-                    time.sleep(1.0)
+                if proc is None or proc.poll() is None or self.stopping.is_set():
+                    continue
+                now = time.monotonic()
+                if due[i] == 0.0:
+                    if now - self.started_at[i] > 60:
+                        backoff[i] = 1.0  # it had been running fine: restart promptly
+                    # A worker that cannot start (bad bundle, no Redis) is retried ever more slowly.
+                    log.warning(
+                        "worker %d (pid %d) exited with %s; restarting in %.0f s",
+                        i,
+                        proc.pid,
+                        proc.returncode,
+                        backoff[i],
+                    )
+                    due[i] = now + backoff[i]
+                    backoff[i] = min(60.0, backoff[i] * 2)
+                elif now >= due[i]:
+                    due[i] = 0.0
                     self.procs[i] = self._spawn(i)
 
     def stop(self, grace: float) -> None:
@@ -113,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
         env["MOTIONGUARD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     settings = settings.model_copy(update={"data_dir": Path(env["MOTIONGUARD_DATA_DIR"])})
     supervisor = WorkerSupervisor(args.workers, env, args.device) if args.workers > 0 else None
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host=args.host, port=args.port, log_level="info", access_log=args.access_log
+        )
+    )
     received: list[int] = []
 
     def note_signal(signum: int, frame) -> None:

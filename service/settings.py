@@ -51,7 +51,9 @@ class Settings(BaseSettings):
 
     # Jobs
     job_timeout_base_s: float = Field(default=60.0, gt=0)
-    job_timeout_per_clip_step_s: float = Field(default=3.0, gt=0, description="sized to the defence's cost")
+    job_timeout_per_clip_step_s: float = Field(
+        default=15.0, gt=0, description="sized to the defence's cost on a busy CPU (a 16x128x128 step: ~2-6 s)"
+    )
     result_ttl_s: int = Field(default=24 * 3600, ge=1)
     max_queued: int = Field(default=100, ge=1, description="503 when this many jobs wait")
     max_inflight_per_key: int = Field(default=10, ge=1, description="429 past this many unfinished jobs per key")
