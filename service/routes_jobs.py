@@ -95,6 +95,14 @@ async def classify(
     epsilon: Annotated[float | None, Query(gt=0, description="purification radius eps_r (<= max_epsilon)")] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JSONResponse:
+    if request.app.state.bundle_meta is None:
+        raise ApiError(
+            503,
+            "no_bundle",
+            f"no readable bundle at {settings.bundle_dir}",
+            reason="unavailable",
+            headers={"Retry-After": "30"},
+        )
     top_k = top_k or settings.default_top_k
     _check_params(settings, top_k, steps, epsilon)
     if steps is None:

@@ -260,6 +260,11 @@ def test_admission_limits_and_redis_down(service_env, tmp_path):
         assert response.status_code == 503 and response.headers["Retry-After"]
         assert response.json()["error"]["code"] == "unavailable"
         assert httpx.get(f"{server.url}/readyz").status_code == 503
+    no_bundle = settings_from_env(service_env, bundle_dir=str(tmp_path / "missing"))
+    with LiveServer(create_app(no_bundle, run_recovery=False)) as server:
+        response = submit(server.url, path)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "no_bundle"
+        assert httpx.get(f"{server.url}/models", headers=ALICE).status_code == 503
 
 
 def test_sigkill_worker_mid_job_is_recovered(api, workers, tmp_path):
