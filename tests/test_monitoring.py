@@ -658,6 +658,7 @@ def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
         time.sleep(2)  # a few more evaluations on the full clean window
         clean_drift = float(prometheus.query("motionguard:mc_loss_drift:max")[0]["value"][1])
         assert prometheus.query(_alert_expr("MotionguardMCLossDrift")) == []
+        assert prometheus.query(_alert_expr("MotionguardSuspectedAttackRate")) == []
         # both workers' figures reached the scrape: every finished job and every clip is counted
         prometheus.wait_for(
             'sum(motionguard_jobs_finished_total{status="finished"})', lambda r: r and float(r[0]["value"][1]) == 2
@@ -676,6 +677,13 @@ def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
         attacked_drift = float(fired[0]["value"][1])
         assert attacked_drift > DRIFT_ALERT_THRESHOLD
         share = float(prometheus.query("motionguard:mc_loss_suspected_share:max")[0]["value"][1])
+        prometheus.wait_for(_alert_expr("MotionguardSuspectedAttackRate"), lambda r: bool(r))
+        # queue time is its own stage, next to the compute stages, for every job
+        stages = prometheus.wait_for(
+            "max by (stage) (motionguard_job_seconds_count)",
+            lambda r: len(r) >= 5 and all(x["value"][1] == "4" for x in r),
+        )
+        assert {"queue", "decode", "classify", "total"} <= {x["metric"]["stage"] for x in stages}
         deadline = time.monotonic() + 15
         while True:  # the alerting group evaluates on its own schedule: pending (for: 5m) soon after
             alerts = httpx.get(f"{prometheus.url}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
