@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, *, run_recovery: bool = True) -
     app.state.bundle_meta = None
     app.state.redis = None
     errors.install(app)
+    errors.document_validation_errors(app)
     metrics.install_collector(app.state)
     app.include_router(jobs_router)
     app.include_router(ops_router)

@@ -59,6 +59,35 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def document_validation_errors(app: FastAPI) -> None:
+    """Make the schema tell the truth about 422s: our ErrorBody, not FastAPI's HTTPValidationError."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, model in (("ErrorBody", ErrorBody), ("ErrorDetail", ErrorDetail)):
+                if name not in schema["components"]["schemas"]:
+                    model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                    model_schema.pop("$defs", None)
+                    schema["components"]["schemas"][name] = model_schema
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    response = operation.get("responses", {}).get("422")
+                    if response is not None:
+                        response["description"] = DESCRIPTIONS[422]
+                        response["content"] = {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                        }
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
