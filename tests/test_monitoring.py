@@ -183,6 +183,54 @@ def test_collector_survives_redis_down():
     assert b"motionguard_mc_loss_drift" not in generate_latest(registry)
 
 
+def test_worker_records_reach_the_api_collector_per_bundle(redis_client):
+    """Two workers' record_job calls (two bundles) come out of the API's collector, labelled and summed."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from models.bundle_meta import Calibration
+    from service.metrics import RedisAggregates
+    from service.settings import Settings
+    from worker.metrics import record_job
+
+    client, prefix = redis_client
+    settings = Settings(redis_url="redis://127.0.0.1:6379/0", key_prefix=prefix, queue_name=prefix, drift_window=50)
+    cal = Calibration(n=200, quantiles={"0.5": 0.37}, mean=0.37, std=0.1, threshold=0.8, sample=_clean(200, 0))
+    stages = {"queue": 0.5, "decode": 0.1, "defense": 2.0, "classify": 0.3, "encode": 0.2, "total": 2.6}
+    for worker in range(2):  # each "worker" is another connection; v1 clean, v2 attacked
+        connection = client.__class__.from_url("redis://127.0.0.1:6379/0")
+        record_job(connection, settings, "finished", stages, _clean(20, 10 + worker), _clean(20, 20), 0,
+                   model="m", version="1", calibration=cal)  # fmt: skip
+        record_job(connection, settings, "finished", stages, [2.0] * 20, _clean(20, 30), 20,
+                   model="m", version="2", calibration=cal)  # fmt: skip
+        record_job(connection, settings, "failed", model="m", version="1", calibration=cal)
+    registry = CollectorRegistry()
+    registry.register(RedisAggregates(SimpleNamespace(redis=client, settings=settings)))
+    samples = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("motionguard_jobs_finished_total", status="finished", model="m", version="1") == 2
+    assert value("motionguard_jobs_finished_total", status="failed", model="m", version="1") == 2
+    assert value("motionguard_suspected_attacks_total", model="m", version="2") == 40
+    assert value("motionguard_mc_loss_count", phase="before", model="m", version="1") == 40
+    assert value("motionguard_job_seconds_count", stage="queue", model="m", version="2") == 2
+    assert value("motionguard_job_seconds_bucket", stage="defense", model="m", version="1", le="1") == 0
+    assert value("motionguard_job_seconds_bucket", stage="defense", model="m", version="1", le="2.5") == 2
+    assert value("motionguard_mc_loss_drift_window_clips", model="m", version="1") == 40
+    assert value("motionguard_mc_loss_drift", model="m", version="1") < DRIFT_ALERT_THRESHOLD
+    assert value("motionguard_mc_loss_drift", model="m", version="2") == 1.0
+    assert value("motionguard_mc_loss_suspected_share", model="m", version="2") == 1.0
+    assert value("motionguard_mc_loss_suspected_share", model="m", version="1") == 0.0
+    assert value("motionguard_queue_depth") == 0
+
+
 # --------------------------------------------------------------------------------- Prometheus files
 
 
