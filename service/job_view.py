@@ -48,12 +48,22 @@ def state_of(job: Job) -> str:
     return state
 
 
+def _rq_failure(job: Job) -> dict[str, str]:
+    """A failure RQ recorded itself (no meta from our job function): say what kind, never a traceback."""
+    text = job.exc_info or ""
+    if "AbandonedJobError" in text:
+        return {"code": "worker_died", "message": "the worker processing this job died"}
+    if "JobTimeoutException" in text:
+        return {"code": "timeout", "message": "the job exceeded its timeout"}
+    return {"code": "failed", "message": "the job failed"}
+
+
 def job_info(connection: Redis, settings: Settings, job: Job) -> JobInfo:
     state = state_of(job)
     result = load_result(connection, settings, job.id) if state == "finished" else None
     error = None
     if state in ("failed", "canceled"):
-        error = job.meta.get("error") or {"code": "failed", "message": "the job failed"}
+        error = job.meta.get("error") or _rq_failure(job)
     elif state == "finished" and result is None:
         state, error = "failed", {"code": "expired", "message": "the job's result has expired"}
     return JobInfo(
