@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.bundle_meta import FlowNormalisation
-from models.data.synthetic import CLASSES, SPLIT_BASE, make_clip, split_seed
+from models.data.synthetic import CLASSES, SPLIT_BASE, make_clip, make_flow_pair, split_seed
 from models.flow import VideoRAFT, build_raft
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class RaftTrainConfig:
     clip_grad: float = 1.0
     frames: int = 8
     size: int = 64
+    dense_prob: float = 0.75  # fraction of pairs from make_flow_pair (dense motion) vs class clips
     noise_prob: float = 0.3  # fraction of pairs with uniform noise (the defence's perturbation range)
     noise_eps: float = 12 / 255
     checkpoint_every: int = 20
@@ -93,7 +94,8 @@ def sequence_loss(predictions: list[Tensor], target: Tensor, gamma: float = 0.8)
 
 
 def _pair_batch(step: int, cfg: RaftTrainConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch of (frame t, frame t+1, GT flow) from train clips; seeds are a function of the step,
+    """Batch of (frame t, frame t+1, GT flow), mostly dense-motion pairs plus pairs of class clips
+    (so static backgrounds and small motions are seen as well); seeds are a function of the step,
     so a resumed run sees the same data stream it would have seen uninterrupted."""
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     img1, img2, flows = [], [], []
@@ -101,8 +103,11 @@ def _pair_batch(step: int, cfg: RaftTrainConfig) -> tuple[Tensor, Tensor, Tensor
         index = (step * cfg.batch_size + i) % (SPLIT_BASE["test"] - SPLIT_BASE["train"])
         seed = split_seed("train", index)
         label = int(torch.randint(len(CLASSES), (), generator=g))
-        clip, flow = make_clip(seed, label, frames=cfg.frames, size=cfg.size)
-        t = int(torch.randint(cfg.frames - 1, (), generator=g))
+        if float(torch.rand((), generator=g)) < cfg.dense_prob:
+            clip, flow = make_flow_pair(seed, size=cfg.size)
+        else:
+            clip, flow = make_clip(seed, label, frames=cfg.frames, size=cfg.size)
+        t = int(torch.randint(clip.shape[0] - 1, (), generator=g))
         a, b = clip[t], clip[t + 1]
         if float(torch.rand((), generator=g)) < cfg.noise_prob:
             a = (a + (torch.rand(a.shape, generator=g) * 2 - 1) * cfg.noise_eps).clamp(0, 1)
