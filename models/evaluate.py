@@ -114,13 +114,14 @@ def evaluate(
     adaptive_n: int = 50,
     batch_size: int = 8,
     noise_eps_255: float = 8.0,
+    random_n: int | None = None,
     state_path: Path | None = None,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Run every row on its clips and return the report dict (see ``motionguard eval``)."""
     rows: list[tuple[str, AttackSpec | None, list[int]]] = [("clean", None, list(indices))]
-    rows.append(("random", AttackSpec("random", noise_eps_255), list(indices)))
+    rows.append(("random", AttackSpec("random", noise_eps_255), list(indices)[: random_n or len(indices)]))
     for spec in attacks:
         count = int(spec.options.get("n", adaptive_n if spec.defense_aware else len(indices)))
         rows.append((spec.name, spec, list(indices)[:count]))

@@ -28,6 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=200, help="clips for clean and static attacks")
     parser.add_argument("--adaptive-n", type=int, default=50, help="clips for defence-aware attacks (a fixed subset)")
     parser.add_argument("--attacks", default=DEFAULT_ATTACKS, help="comma-separated, e.g. pgd:8,apgd-ce:8,bpda:8")
+    parser.add_argument("--random-n", type=int, default=None, help="clips for the uniform-noise row (default --n)")
     parser.add_argument("--multi", action="store_true", help="evaluate the multi-constraint defence")
     parser.add_argument("--steps", type=int, default=None, help="defence steps (default: the bundle's)")
     parser.add_argument("--batch", type=int, default=8, help="clips per batch")
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         indices,
         attacks,
         adaptive_n=args.adaptive_n,
+        random_n=args.random_n,
         batch_size=args.batch,
         state_path=state_path,
         seed=args.seed,
