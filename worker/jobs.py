@@ -14,6 +14,7 @@ import time
 from fractions import Fraction
 from typing import Any
 
+from redis.exceptions import ResponseError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
@@ -32,6 +33,10 @@ from worker.storage import (
 from worker.video import VideoLimits, encode_ffv1, encode_mp4, encode_npz, to_uint8
 
 log = logging.getLogger(__name__)
+
+
+class StorageError(Exception):
+    """The job's output could not be stored (blob directory full or unwritable)."""
 
 
 def _encode_restored(frames, fps: float, formats: list[str]) -> dict[str, bytes]:
@@ -92,8 +97,16 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
             for name, data in pictures.items():
                 blobs[figure_blob_name(index, name)] = data
                 result["clips"][index][FIGURE_URL_KEYS[name]] = f"/jobs/{job_id}/clips/{index}/{name}"
-        for name, data in blobs.items():
-            store.put(job_id, name, data)
+        try:
+            for name, data in blobs.items():
+                store.put(job_id, name, data)
+        except (OSError, ResponseError) as exc:  # blob store full or unwritable: a clear reason, the worker goes on
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200] or type(exc).__name__
+            try:
+                store.delete(job_id)
+            except Exception:  # noqa: BLE001 - best effort; the store is what failed
+                pass
+            raise StorageError(f"could not store the job's output ({reason})") from exc
         encode_s = time.perf_counter() - t_encode
         timings = result["timings_ms"]
         timings["encode"] = round(encode_s * 1000, 2)
@@ -125,6 +138,12 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
         job.save_meta()
         metrics.record_job(connection, settings, "failed")
         log.info("job %s failed: %s", job_id, exc)
+        raise
+    except StorageError as exc:
+        job.meta["error"] = {"code": "storage_error", "message": str(exc)}
+        job.save_meta()
+        metrics.record_job(connection, settings, "failed")
+        log.error("job %s failed: %s", job_id, exc)
         raise
     except JobTimeoutException:
         job.meta["error"] = {"code": "timeout", "message": f"the job exceeded its {job.timeout} s timeout"}

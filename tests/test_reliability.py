@@ -1,0 +1,312 @@
+"""Reliability (issue 8): back-pressure, and faults injected into a running service.
+
+Each test runs the real thing: the FastAPI app under uvicorn, a real Redis, real ``motionguard
+worker`` processes. What ``tests/test_service.py`` already covers is not repeated here (the 503/429
+status codes, a worker SIGKILLed mid-job ends finished or ``worker_died``); these tests add what the
+reliability report needs: the rejections counted in ``/metrics``, the *time* a killed worker's job
+takes to be retried, warm shutdown on SIGTERM, a Redis restart under load (own ``redis-server`` with
+append-only persistence), a full or unwritable blob store, and a job past its timeout.
+
+Measured figures are printed as ``RELIABILITY <name> <json>`` lines (``pytest -s`` shows them) and
+quoted in ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import LiveServer, WorkerPool, settings_from_env, write_video
+
+pytestmark = pytest.mark.integration
+
+ALICE = {"Authorization": "Bearer key-alice"}
+TERMINAL = ("finished", "failed", "canceled")
+
+
+def report(name: str, **figures) -> None:
+    print(f"\nRELIABILITY {name} {json.dumps(figures)}")
+
+
+def submit(url: str, path: Path, headers=ALICE, **params) -> httpx.Response:
+    with open(path, "rb") as handle:
+        return httpx.post(
+            f"{url}/classify", params=params, files={"file": ("clip.mp4", handle)}, headers=headers, timeout=30
+        )
+
+
+def status(url: str, job_id: str, headers=ALICE) -> dict:
+    return httpx.get(f"{url}/jobs/{job_id}", headers=headers, timeout=10).json()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached after {timeout} s")
+
+
+def wait_done(url: str, job_id: str, timeout: float = 120.0, headers=ALICE) -> dict:
+    return wait_for(
+        lambda: (lambda body: body if body.get("status") in TERMINAL else None)(status(url, job_id, headers)),
+        timeout,
+        0.2,
+        f"job {job_id} terminal",
+    )
+
+
+def rejected(metrics_text: str, reason: str) -> float:
+    match = re.search(rf'^motionguard_requests_rejected_total\{{reason="{reason}"\}} (\S+)$', metrics_text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+class Stack:
+    """A private service: own queue and key prefix, own data dir, N workers, the API over HTTP."""
+
+    def __init__(self, base_env: dict[str, str], tmp: Path, redis_url: str | None = None, **env):
+        tag = uuid.uuid4().hex[:8]
+        self.env = {
+            **base_env,
+            "MOTIONGUARD_QUEUE_NAME": f"rel-{tag}",
+            "MOTIONGUARD_KEY_PREFIX": f"rel-{tag}",
+            "MOTIONGUARD_DATA_DIR": str(tmp / "data"),
+            **({"MOTIONGUARD_REDIS_URL": redis_url} if redis_url else {}),
+            **{f"MOTIONGUARD_{k.upper()}": str(v) for k, v in env.items()},
+        }
+        (tmp / "logs").mkdir(exist_ok=True)
+        self.pool = WorkerPool(self.env, tmp / "logs")
+        self.settings = settings_from_env(self.env)
+        self.server: LiveServer | None = None
+
+    def start(self, workers: int) -> Stack:
+        from service.app import create_app
+
+        self.pool.start(workers)
+        self.server = LiveServer(create_app(self.settings)).__enter__()
+        self.pool.wait_live(workers)
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.__exit__(None, None, None)
+        self.pool.stop()
+
+    def job(self, job_id: str):
+        from redis import Redis
+        from rq.job import Job
+        from rq.serializers import JSONSerializer
+
+        return Job.fetch(job_id, connection=Redis.from_url(self.settings.redis_url), serializer=JSONSerializer)
+
+
+# --- Back-pressure ---------------------------------------------------------------------------------
+
+
+def test_backpressure_is_counted_in_metrics(service_env, tmp_path):
+    """503 queue_full (Retry-After, JSON body) and 429 per key, each counted by reason in /metrics.
+
+    A queue no worker serves, so the backlog stays where the test puts it."""
+    from service.app import create_app
+
+    path = write_video(tmp_path / "v.mp4", count=4)
+    tag = uuid.uuid4().hex[:8]
+    settings = settings_from_env(
+        service_env,
+        queue_name=f"bp-{tag}",
+        key_prefix=f"bp-{tag}",
+        data_dir=str(tmp_path / "data"),
+        max_queued=2,
+        max_inflight_per_key=1,
+    )
+    with LiveServer(create_app(settings, run_recovery=False)) as server:
+        before = httpx.get(f"{server.url}/metrics").text
+        assert submit(server.url, path).status_code == 202
+        limited = submit(server.url, path)  # alice has 1 in flight: per-key cap
+        assert limited.status_code == 429 and limited.headers["Retry-After"].isdigit()
+        assert limited.json() == {"error": {"code": "too_many_jobs", "message": limited.json()["error"]["message"]}}
+        assert submit(server.url, path, headers={"Authorization": "Bearer key-bob"}).status_code == 202
+        full = submit(server.url, path, headers={"Authorization": "Bearer key-bob"})  # 2 queued = max_queued
+        assert full.status_code == 503 and int(full.headers["Retry-After"]) > 0
+        assert full.json()["error"]["code"] == "queue_full"
+        after = httpx.get(f"{server.url}/metrics").text
+        assert rejected(after, "rate_limited") == rejected(before, "rate_limited") + 1
+        assert rejected(after, "queue_full") == rejected(before, "queue_full") + 1
+        assert re.search(r"^motionguard_queue_depth 2\.0$", after, re.M)
+        # Refused before the body was read: only the two accepted uploads are on disk.
+        assert len(list(settings.upload_dir.iterdir())) == 2
+        from redis import Redis
+
+        from worker.queueing import make_queue
+
+        make_queue(Redis.from_url(settings.redis_url), settings).empty()
+
+
+# --- Jobs past their timeout, blob store full or unwritable (the session's workers) ------------------
+
+
+def test_job_past_its_timeout_fails_with_reason_timeout(service_env, workers, tmp_path):
+    """An API whose job timeout is 1 s (same queue as the session's workers): the job ends
+    ``failed`` with code ``timeout``, and the worker serves the next job."""
+    from service.app import create_app
+
+    path = write_video(tmp_path / "v.mp4", count=16)
+    short = settings_from_env(service_env, job_timeout_base_s=1, job_timeout_per_clip_step_s=0.001)
+    with LiveServer(create_app(short, run_recovery=False)) as server:
+        job_id = submit(server.url, path, steps=50).json()["job_id"]
+        started = time.monotonic()
+        body = wait_done(server.url, job_id, timeout=120)
+        assert body["status"] == "failed", body
+        assert body["error"]["code"] == "timeout" and "1 s timeout" in body["error"]["message"], body
+        report("timeout", timeout_s=1, failed_after_s=round(time.monotonic() - started, 2))
+    normal = settings_from_env(service_env)
+    with LiveServer(create_app(normal, run_recovery=False)) as server:
+        assert (
+            wait_done(server.url, submit(server.url, write_video(tmp_path / "s.mp4", count=4)).json()["job_id"])[
+                "status"
+            ]
+            == "finished"
+        )
+    assert all(p.poll() is None for p in workers.procs)
+
+
+def _enqueue_direct(settings, video: Path, job_id: str, owner_key: str = "key-alice") -> str:
+    """Enqueue a job as the API would, with its id chosen beforehand (to prepare its blob folder)."""
+    from redis import Redis
+
+    from service.deps import owner_of
+    from worker.queueing import make_queue
+    from worker.storage import upload_path
+
+    upload_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(video, upload_path(settings, job_id))
+    make_queue(Redis.from_url(settings.redis_url), settings).enqueue(
+        "worker.jobs.analyse_job",
+        {"defend": True, "steps": 1, "top_k": 2},
+        job_id=job_id,
+        job_timeout=300,
+        meta={"owner": owner_of(owner_key)},
+    )
+    return job_id
+
+
+def _obstruct(kind: str, folder: Path) -> None:
+    if kind == "full":
+        # Every write the blob store makes for this job lands on /dev/full: a real ENOSPC.
+        folder.mkdir(parents=True)
+        for name in ("restored.mp4", "restored.mkv", "restored.npz"):
+            (folder / f".{name}.tmp").symlink_to("/dev/full")
+    else:
+        # A file where the job's folder must go: the store cannot create it (EEXIST / ENOTDIR).
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.write_bytes(b"")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full is absent")
+@pytest.mark.parametrize("kind", ["full", "unwritable"])
+def test_blob_store_full_or_unwritable(api, service_env, workers, tmp_path, kind):
+    """The job ends ``failed`` with ``storage_error`` and the OS reason; the worker survives and
+    serves the next job (which stores its output normally)."""
+    settings = settings_from_env(service_env)
+    video = write_video(tmp_path / "v.mp4", count=8)
+    job_id = uuid.uuid4().hex
+    _obstruct(kind, settings.blob_dir / job_id)
+    _enqueue_direct(settings, video, job_id)
+    body = wait_done(api, job_id)
+    assert body["status"] == "failed", body
+    assert body["error"]["code"] == "storage_error", body
+    expected = "No space left on device" if kind == "full" else "File exists"
+    assert expected in body["error"]["message"] or "Not a directory" in body["error"]["message"], body
+    assert all(p.poll() is None for p in workers.procs)
+    follow = wait_done(api, submit(api, video, steps=1).json()["job_id"])
+    assert follow["status"] == "finished", follow
+    assert httpx.get(f"{api}{follow['result']['restored_url']}", headers=ALICE).status_code == 200
+    if kind == "unwritable":
+        (settings.blob_dir / job_id).unlink()
+
+
+# --- Worker SIGKILL and SIGTERM mid-job (a private service with two workers) --------------------------
+
+HEARTBEAT_TTL_S, RECOVERY_INTERVAL_S = 3, 0.5
+# A killed worker's job is requeued once its started-registry entry (renewed every second with
+# heartbeat_ttl_s) expires and the next recovery scan runs: heartbeat_ttl_s + recovery_interval_s,
+# plus scheduling slack on a busy machine.
+RETRY_BOUND_S = HEARTBEAT_TTL_S + RECOVERY_INTERVAL_S + 5
+
+
+@pytest.fixture(scope="module")
+def fault_stack(service_env, tmp_path_factory):
+    stack = Stack(
+        service_env,
+        tmp_path_factory.mktemp("faults"),
+        heartbeat_ttl_s=HEARTBEAT_TTL_S,
+        recovery_interval_s=RECOVERY_INTERVAL_S,
+    )
+    try:
+        yield stack.start(2)
+    finally:
+        stack.stop()
+
+
+def _running_on(stack: Stack, url: str, job_id: str) -> tuple[str, subprocess.Popen]:
+    """Wait for the job to start; the name and process of the worker running it."""
+    wait_for(lambda: status(url, job_id)["status"] == "started", 60, what="job started")
+    name = wait_for(lambda: stack.job(job_id).meta.get("worker"), 10, what="job's worker recorded")
+    index = int(name.rsplit("-w", 1)[1])
+    return name, stack.pool.procs[index]
+
+
+def test_worker_sigkill_mid_job_is_retried_within_bound(fault_stack, tmp_path):
+    """Beyond test_service's SIGKILL test: how long until the job runs again on the other worker."""
+    url = fault_stack.url
+    job_id = submit(url, write_video(tmp_path / "v.mp4", count=8), steps=10).json()["job_id"]
+    victim_name, victim = _running_on(fault_stack, url, job_id)
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+
+    def retried():
+        job = fault_stack.job(job_id)
+        return job.meta.get("worker_deaths") == 1 and job.get_status(refresh=False) in ("queued", "started")
+
+    wait_for(retried, 60, 0.05, "job requeued")
+    retry_s = time.monotonic() - killed
+    body = wait_done(url, job_id, timeout=180)
+    total_s = time.monotonic() - killed
+    assert body["status"] == "finished", body
+    job = fault_stack.job(job_id)
+    assert job.meta["worker"] != victim_name and job.meta["attempts"] == 2
+    report("sigkill", requeued_after_s=round(retry_s, 2), finished_after_s=round(total_s, 2), bound_s=RETRY_BOUND_S)
+    assert retry_s < RETRY_BOUND_S
+
+
+def test_worker_sigterm_mid_job_finishes_it_and_exits_0(fault_stack, tmp_path):
+    """Warm shutdown: the running job finishes on the worker that got SIGTERM, which then exits 0."""
+    url = fault_stack.url
+    job_id = submit(url, write_video(tmp_path / "v.mp4", count=8), steps=8).json()["job_id"]
+    name, proc = _running_on(fault_stack, url, job_id)
+    assert proc.poll() is None
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert proc.wait(timeout=120) == 0
+    exit_s = time.monotonic() - signalled
+    body = status(url, job_id)
+    assert body["status"] == "finished", body
+    job = fault_stack.job(job_id)
+    assert job.meta["worker"] == name and job.meta["attempts"] == 1 and not job.meta.get("worker_deaths")
+    report("sigterm", exited_after_s=round(exit_s, 2), exit_code=0)
