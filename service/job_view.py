@@ -50,7 +50,8 @@ def state_of(job: Job) -> str:
 
 def _rq_failure(job: Job) -> dict[str, str]:
     """A failure RQ recorded itself (no meta from our job function): say what kind, never a traceback."""
-    text = job.exc_info or ""
+    latest = job.latest_result()
+    text = (getattr(latest, "exc_string", None) or "") if latest is not None else ""
     if "AbandonedJobError" in text:
         return {"code": "worker_died", "message": "the worker processing this job died"}
     if "JobTimeoutException" in text:
