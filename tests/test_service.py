@@ -261,6 +261,10 @@ def test_admission_limits_and_redis_down(service_env, tmp_path):
         assert response.status_code == 503 and response.headers["Retry-After"]
         assert response.json()["error"]["code"] == "unavailable"
         assert httpx.get(f"{server.url}/readyz").status_code == 503
+    tiny = settings_from_env(service_env, queue_name=f"idle3-{tag}", key_prefix=f"idle3-{tag}", max_pixels=32 * 32)
+    with LiveServer(create_app(tiny, run_recovery=False)) as server:
+        response = submit(server.url, path)  # 96x80 declared: refused before any frame is decoded
+        assert response.status_code == 413 and response.json()["error"]["code"] == "video_too_large"
     no_bundle = settings_from_env(service_env, bundle_dir=str(tmp_path / "missing"))
     with LiveServer(create_app(no_bundle, run_recovery=False)) as server:
         response = submit(server.url, path)
