@@ -82,6 +82,7 @@ class RaftTrainConfig:
     eval_clips: int = 40
     seed: int = 0
     threads: int | None = None
+    init: Path | None = None  # warm-start weights for a fresh run (ignored when resuming)
 
 
 def sequence_loss(predictions: list[Tensor], target: Tensor, gamma: float = 0.8) -> Tensor:
@@ -166,6 +167,11 @@ def train_raft(cfg: RaftTrainConfig) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log.info("resuming RAFT training at step %d (%.1f min done)", state["step"], state["elapsed"] / 60)
+    elif cfg.init is not None:
+        from models.checkpoints import read_state_dict
+
+        raft.load_state_dict(read_state_dict(cfg.init))
+        log.info("RAFT initialised from %s", cfg.init)
     if state["epe_before"] is None:
         state["epe_before"] = flow_epe(raft, "val", cfg.eval_clips, cfg.eval_updates, cfg.frames, cfg.size)
         log.info("val EPE before training (%d updates): %.3f px", cfg.eval_updates, state["epe_before"])

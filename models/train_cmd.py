@@ -36,6 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--raft-batch", type=int, default=16)
     g.add_argument("--raft-lr", type=float, default=4e-4)
     g.add_argument("--raft-eval-clips", type=int, default=24)
+    g.add_argument("--raft-init", type=Path, default=None, help="warm-start weights for a fresh RAFT run")
     g = parser.add_argument_group("I3D stage")
     g.add_argument("--i3d-epochs", type=int, default=12)
     g.add_argument("--i3d-minutes", type=float, default=20.0, help="wall-clock budget of the I3D stage")
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
                 frames=args.frames,
                 size=args.size,
                 eval_clips=args.raft_eval_clips,
+                init=args.raft_init,
                 seed=args.seed,
             )
         )
