@@ -19,7 +19,7 @@ from service.job_view import fetch_owned, job_info, state_of
 from service.schemas import Canceled, JobAccepted, JobInfo
 from service.settings import Settings
 from worker.queueing import JOB_FUNCTION, cancel_key, make_queue
-from worker.storage import RESTORED_FORMATS, blob_store, upload_path
+from worker.storage import RESTORED_FORMATS, blob_store, discard_upload, stash_upload, upload_path
 from worker.video import VideoInfo, VideoLimits, VideoTooLarge, probe_video
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,10 @@ async def classify(
             bundle_steps = steps if steps is not None else meta.defense.steps
             clips = _estimated_clips(info, meta.input.frames, settings)
             params = {"defend": defend, "top_k": top_k, "multi": multi, "steps": steps, "epsilon": epsilon}
+            await run_in_threadpool(stash_upload, connection, settings, job_id)
             await run_in_threadpool(_enqueue, connection, settings, job_id, owner, params, clips, bundle_steps)
         except BaseException:
-            path.unlink(missing_ok=True)
+            discard_upload(connection, settings, job_id)
             raise
     except BaseException:
         if idempotency_key:
@@ -230,7 +231,7 @@ def cancel_job(
     state = state_of(job)
     if state == "queued":
         job.cancel()
-        upload_path(settings, job.id).unlink(missing_ok=True)
+        discard_upload(connection, settings, job.id)
         return Canceled(job_id=job.id, status="canceled")
     if state == "started":
         # The worker checks this flag between defence steps and ends the job as canceled.

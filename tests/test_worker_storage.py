@@ -43,3 +43,20 @@ def test_result_json_with_ttl(settings):
     save_result(connection, settings, job_id, {"labels": [1, 2]})
     assert load_result(connection, settings, job_id) == {"labels": [1, 2]}
     assert 0 < connection.ttl(settings.key("result", job_id)) <= 60
+
+
+def test_uploads_travel_through_redis_in_redis_mode(settings, tmp_path):
+    from worker.storage import discard_upload, fetch_upload, stash_upload, upload_exists
+
+    connection = Redis.from_url(settings.redis_url)
+    api_side = settings.model_copy(update={"blob_store": "redis"})
+    worker_side = api_side.model_copy(update={"data_dir": tmp_path / "other-host"})
+    job_id = uuid.uuid4().hex
+    upload_path(api_side, job_id).parent.mkdir(parents=True, exist_ok=True)
+    upload_path(api_side, job_id).write_bytes(b"video bytes")
+    stash_upload(connection, api_side, job_id)
+    assert not upload_path(api_side, job_id).exists()  # the API keeps no copy
+    assert upload_exists(connection, worker_side, job_id)
+    assert fetch_upload(connection, worker_side, job_id).read_bytes() == b"video bytes"
+    discard_upload(connection, worker_side, job_id)
+    assert not upload_exists(connection, worker_side, job_id)

@@ -26,9 +26,10 @@ from worker.storage import (
     FIGURE_URL_KEYS,
     RESTORED_FORMATS,
     blob_store,
+    discard_upload,
+    fetch_upload,
     figure_blob_name,
     save_result,
-    upload_path,
 )
 from worker.video import VideoLimits, encode_ffv1, encode_mp4, encode_npz, to_uint8
 
@@ -64,7 +65,7 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
     job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
     job.save_meta()
     queued_s = (job.started_at - job.enqueued_at).total_seconds() if job.started_at and job.enqueued_at else 0.0
-    path = upload_path(settings, job_id)
+    path = fetch_upload(connection, settings, job_id)
     last_check = [0.0, False]
 
     def should_stop() -> bool:
@@ -156,4 +157,4 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
         metrics.record_job(connection, settings, "failed")
         raise
     finally:
-        path.unlink(missing_ok=True)
+        discard_upload(connection, settings, job_id)

@@ -24,7 +24,7 @@ from rq.utils import parse_composite_key
 from service.settings import Settings
 from worker import metrics
 from worker.queueing import make_queue
-from worker.storage import upload_path
+from worker.storage import discard_upload, upload_exists
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _recover(connection: Redis, settings: Settings, queue: Queue, job: Job) -> s
     deaths = int(job.meta.get("worker_deaths", 0)) + 1
     job.meta["worker_deaths"] = deaths
     worker_name = job.meta.get("worker", "?")
-    if deaths <= settings.max_retries and upload_path(settings, job.id).is_file():
+    if deaths <= settings.max_retries and upload_exists(connection, settings, job.id):
         log.warning("job %s: worker %s died; requeued (attempt %d)", job.id, worker_name, deaths + 1)
         job.save_meta()
         job.started_at = None
@@ -76,7 +76,7 @@ def _recover(connection: Redis, settings: Settings, queue: Queue, job: Job) -> s
     with connection.pipeline() as pipe:
         record_job_failure(job, json.dumps(job.meta["error"]), pipe)
         pipe.execute()
-    upload_path(settings, job.id).unlink(missing_ok=True)
+    discard_upload(connection, settings, job.id)
     metrics.record_job(connection, settings, "failed")
     return "failed"
 

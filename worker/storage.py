@@ -115,3 +115,45 @@ def delete_result(connection: Redis, settings: Settings, job_id: str) -> None:
 def upload_path(settings: Settings, job_id: str) -> Path:
     """The stored upload of a job: named by the job id, never by the client's filename."""
     return settings.upload_dir / f"{check_job_id(job_id)}.upload"
+
+
+# In "redis" blob mode uploads travel through Redis too, so workers on other hosts need no shared
+# disk: the API stashes the probed upload, a worker fetches it into its own upload directory.
+
+
+def upload_key(settings: Settings, job_id: str) -> str:
+    return settings.key("upload", check_job_id(job_id))
+
+
+def stash_upload(connection: Redis, settings: Settings, job_id: str) -> None:
+    if settings.blob_store != "redis":
+        return
+    path = upload_path(settings, job_id)
+    connection.set(upload_key(settings, job_id), path.read_bytes(), ex=settings.result_ttl_s)
+    path.unlink(missing_ok=True)
+
+
+def fetch_upload(connection: Redis, settings: Settings, job_id: str) -> Path:
+    """The local path of a job's upload, fetched from Redis first when it travels that way."""
+    path = upload_path(settings, job_id)
+    if path.is_file() or settings.blob_store != "redis":
+        return path
+    data = connection.get(upload_key(settings, job_id))
+    if data is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+def upload_exists(connection: Redis, settings: Settings, job_id: str) -> bool:
+    if upload_path(settings, job_id).is_file():
+        return True
+    return settings.blob_store == "redis" and bool(connection.exists(upload_key(settings, job_id)))
+
+
+def discard_upload(connection: Redis, settings: Settings, job_id: str) -> None:
+    upload_path(settings, job_id).unlink(missing_ok=True)
+    if settings.blob_store == "redis":
+        connection.delete(upload_key(settings, job_id))

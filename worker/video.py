@@ -77,7 +77,7 @@ def _open(path: str | Path, limits: VideoLimits):
     """Open with bounded probing; any FFmpeg failure becomes a one-line VideoError."""
     path = Path(path)
     if not path.is_file():
-        raise VideoError(f"{path}: no such file")
+        raise VideoError("the video file is missing (expired upload?)")  # no server path in client messages
     if path.stat().st_size == 0:
         raise VideoError("the file is empty")
     options = {"probesize": str(max(32, limits.probe_size)), "analyzeduration": str(limits.probe_duration_us)}
