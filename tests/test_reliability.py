@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LiveServer, WorkerPool, settings_from_env, write_video
+from conftest import LiveServer, WorkerPool, free_port, settings_from_env, write_video
 
 pytestmark = pytest.mark.integration
 
@@ -164,6 +164,7 @@ def test_job_past_its_timeout_fails_with_reason_timeout(service_env, workers, tm
     ``failed`` with code ``timeout``, and the worker serves the next job."""
     from service.app import create_app
 
+    alive = [p for p in workers.procs if p.poll() is None]
     path = write_video(tmp_path / "v.mp4", count=16)
     short = settings_from_env(service_env, job_timeout_base_s=1, job_timeout_per_clip_step_s=0.001)
     with LiveServer(create_app(short, run_recovery=False)) as server:
@@ -181,7 +182,7 @@ def test_job_past_its_timeout_fails_with_reason_timeout(service_env, workers, tm
             ]
             == "finished"
         )
-    assert all(p.poll() is None for p in workers.procs)
+    assert all(p.poll() is None for p in alive)
 
 
 def _enqueue_direct(settings, video: Path, job_id: str, owner_key: str = "key-alice") -> str:
@@ -221,6 +222,7 @@ def _obstruct(kind: str, folder: Path) -> None:
 def test_blob_store_full_or_unwritable(api, service_env, workers, tmp_path, kind):
     """The job ends ``failed`` with ``storage_error`` and the OS reason; the worker survives and
     serves the next job (which stores its output normally)."""
+    alive = [p for p in workers.procs if p.poll() is None]
     settings = settings_from_env(service_env)
     video = write_video(tmp_path / "v.mp4", count=8)
     job_id = uuid.uuid4().hex
@@ -231,7 +233,7 @@ def test_blob_store_full_or_unwritable(api, service_env, workers, tmp_path, kind
     assert body["error"]["code"] == "storage_error", body
     expected = "No space left on device" if kind == "full" else "File exists"
     assert expected in body["error"]["message"] or "Not a directory" in body["error"]["message"], body
-    assert all(p.poll() is None for p in workers.procs)
+    assert all(p.poll() is None for p in alive)
     follow = wait_done(api, submit(api, video, steps=1).json()["job_id"])
     assert follow["status"] == "finished", follow
     assert httpx.get(f"{api}{follow['result']['restored_url']}", headers=ALICE).status_code == 200
@@ -310,3 +312,97 @@ def test_worker_sigterm_mid_job_finishes_it_and_exits_0(fault_stack, tmp_path):
     job = fault_stack.job(job_id)
     assert job.meta["worker"] == name and job.meta["attempts"] == 1 and not job.meta.get("worker_deaths")
     report("sigterm", exited_after_s=round(exit_s, 2), exit_code=0)
+
+
+# --- Redis restarted under load (own redis-server with append-only persistence) ----------------------
+
+
+class RedisServer:
+    """``redis-server`` on a free loopback port, AOF on (as docker-compose.yml runs it), restartable."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        cmd = [
+            shutil.which("redis-server"),
+            "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=open(self.folder / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        from redis import Redis
+
+        wait_for(lambda: _pings(Redis.from_url(self.url, socket_connect_timeout=0.2)), 20, 0.05, "redis up")
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes the append-only file and exits, as a restart or a deploy would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+def _pings(connection) -> bool:
+    try:
+        return bool(connection.ping())
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_restart_under_load(service_env, tmp_path):
+    """While Redis is down the API answers 503 (POST and GET) and /readyz fails; after it comes back
+    both recover with no restart of the API or the workers, and every job accepted before the
+    restart reaches a terminal state (finished)."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    stack = Stack(service_env, tmp_path, redis_url=redis.url, heartbeat_ttl_s=HEARTBEAT_TTL_S)
+    try:
+        stack.start(1)
+        url = stack.url
+        video = write_video(tmp_path / "v.mp4", count=4)
+        accepted = []
+        for _ in range(4):
+            response = submit(url, video, steps=3)
+            assert response.status_code == 202, response.text
+            accepted.append(response.json()["job_id"])
+        wait_for(lambda: status(url, accepted[0])["status"] == "started", 60, what="first job started")
+
+        redis.stop()
+        down_at = time.monotonic()
+        response = submit(url, video, steps=1)
+        assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0, response.text
+        assert response.json()["error"]["code"] == "unavailable"
+        assert httpx.get(f"{url}/jobs/{accepted[0]}", headers=ALICE).status_code == 503
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] is False
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - down_at)))  # a few seconds down
+
+        redis.start()
+        back_at = time.monotonic()
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 120, 0.1, "/readyz 200 again")
+        ready_s = time.monotonic() - back_at
+        response = wait_for(
+            lambda: (lambda r: r if r.status_code == 202 else None)(submit(url, video, steps=1)), 60, 0.2, "202 again"
+        )
+        accept_s = time.monotonic() - back_at
+        accepted_after = response.json()["job_id"]
+
+        ended = {job_id: wait_done(url, job_id, timeout=240) for job_id in [*accepted, accepted_after]}
+        drained_s = time.monotonic() - back_at
+        statuses = {job_id: body["status"] for job_id, body in ended.items()}
+        assert all(s == "finished" for s in statuses.values()), ended
+        assert all(p.poll() is None for p in stack.pool.procs), "a worker exited"
+        report(
+            "redis_restart",
+            down_s=round(back_at - down_at, 2),
+            readyz_recovered_after_s=round(ready_s, 2),
+            accepting_after_s=round(accept_s, 2),
+            jobs_before_restart=len(accepted),
+            finished=sum(s == "finished" for s in statuses.values()),
+            all_done_after_s=round(drained_s, 2),
+        )
+    finally:
+        stack.stop()
+        redis.stop()

@@ -14,7 +14,9 @@ import time
 from fractions import Fraction
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
@@ -34,6 +36,23 @@ from worker.storage import (
 from worker.video import VideoLimits, encode_ffv1, encode_mp4, encode_npz, to_uint8
 
 log = logging.getLogger(__name__)
+
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+def await_redis(connection, limit_s: float = 600.0) -> None:
+    """Wait (bounded; the job's own timeout applies too) until Redis answers."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            connection.ping()
+            return
+        except REDIS_DOWN:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unreachable; the job waits to store its result")
+            time.sleep(0.5)
 
 
 class StorageError(Exception):
@@ -72,7 +91,10 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
         now = time.monotonic()
         if now - last_check[0] > 0.25:
             last_check[0] = now
-            last_check[1] = bool(connection.exists(cancel_key(settings, job_id)))
+            try:
+                last_check[1] = bool(connection.exists(cancel_key(settings, job_id)))
+            except REDIS_DOWN:  # Redis briefly away: keep computing, the flag is read again later
+                pass
         return last_check[1]
 
     t0 = time.perf_counter()
@@ -98,6 +120,7 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
             for name, data in pictures.items():
                 blobs[figure_blob_name(index, name)] = data
                 result["clips"][index][FIGURE_URL_KEYS[name]] = f"/jobs/{job_id}/clips/{index}/{name}"
+        await_redis(connection)  # a Redis restart during the compute: store once it is back
         try:
             for name, data in blobs.items():
                 store.put(job_id, name, data)

@@ -90,10 +90,22 @@ class RecoveryThread(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        # After Redis was unreachable or restarted, heartbeats of live workers may have lapsed
+        # meanwhile: hold the scan until they have had time to renew them, or running jobs would
+        # be requeued (and run twice).
+        grace = self.settings.heartbeat_ttl_s + 2 * self.settings.heartbeat_interval_s
+        hold_until, run_id = 0.0, None
         while not self.stopped.wait(self.settings.recovery_interval_s):
             try:
-                recover_dead_jobs(self.connection, self.settings)
+                current = self.connection.info("server").get("run_id")
+                if run_id is not None and current != run_id:
+                    log.warning("Redis restarted; recovery scans resume in %.0f s", grace)
+                    hold_until = time.monotonic() + grace
+                run_id = current
+                if time.monotonic() >= hold_until:
+                    recover_dead_jobs(self.connection, self.settings)
             except Exception:  # noqa: BLE001 - Redis may be briefly away; try again next tick
+                hold_until = time.monotonic() + grace
                 log.debug("recovery scan failed", exc_info=True)
 
     def stop(self) -> None:

@@ -14,7 +14,10 @@ import json
 import logging
 import os
 import threading
+import time
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
@@ -24,12 +27,32 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
 class ModelWorker(SimpleWorker):
+    """Rides out a Redis outage instead of quitting: RQ's loop survives a lost connection only while
+    it waits for a job; here a job that could not be recorded, and the loop's own bookkeeping,
+    wait for Redis to come back (the job is then requeued by ``worker.recovery``)."""
+
     settings: Settings  # set by worker.main before work() starts
     bundle_info: dict = {}
+    max_connection_wait_time = 4.0  # RQ's reconnect backoff while idle (its default grows to 60 s)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.settings.heartbeat_ttl_s
+
+    def wait_for_redis(self, what: str) -> None:
+        """Block until Redis answers again (or a shutdown is requested)."""
+        log.warning("Redis unreachable (%s); waiting for it", what)
+        started = time.monotonic()
+        while not self._stop_requested and self._shutdown_requested_date is None:
+            try:
+                self.connection.ping()
+                log.warning("Redis is back after %.1f s", time.monotonic() - started)
+                return
+            except REDIS_DOWN:
+                time.sleep(0.5)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
@@ -38,10 +61,38 @@ class ModelWorker(SimpleWorker):
         beat.start()
         try:
             self.perform_job(job, queue, execution)
+        except REDIS_DOWN:
+            # The job's outcome could not be recorded: its heartbeat stops, so once Redis is back the
+            # recovery scan requeues it (bounded by max_retries) or fails it with a reason.
+            stop.set()
+            self.wait_for_redis(f"recording job {job.id}")
         finally:
             stop.set()
             beat.join()
-        self.set_state(WorkerStatus.IDLE)
+        try:
+            self.set_state(WorkerStatus.IDLE)
+        except REDIS_DOWN:
+            self.wait_for_redis("setting the worker idle")
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except REDIS_DOWN:
+            self.wait_for_redis("checking for suspension")
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_DOWN:
+            self.wait_for_redis("maintenance")
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        try:
+            return super().heartbeat(timeout, pipeline)
+        except REDIS_DOWN:
+            if pipeline is not None:
+                raise
+            self.wait_for_redis("worker heartbeat")
 
     def _job_heartbeat(self, job: Job, execution, stop: threading.Event) -> None:
         while not stop.wait(self.settings.heartbeat_interval_s):
