@@ -361,12 +361,12 @@ def cache_flows(
     return torch.cat(flows_out), torch.cat(labels_out)
 
 
-def gt_flows(start: int, count: int, frames: int, size: int) -> tuple[Tensor, Tensor]:
-    """Exact flows (float16) and labels of train items [start, start+count)."""
+def gt_flows(start: int, count: int, frames: int, size: int, split: str = "train") -> tuple[Tensor, Tensor]:
+    """Exact flows (float16) and labels of split items [start, start+count)."""
     flows, labels = [], []
     for i in range(start, start + count):
         label = i % len(CLASSES)
-        flows.append(make_clip(split_seed("train", i), label, frames, size)[1].half())
+        flows.append(make_clip(split_seed(split, i), label, frames, size)[1].half())
         labels.append(label)
     return torch.stack(flows), torch.tensor(labels)
 
@@ -415,6 +415,9 @@ def train_i3d(cfg: I3DTrainConfig) -> dict:
         (time.perf_counter() - t_cache) / 60,
     )
     del video_raft
+    # Accuracy on exact flow separates the classifier's quality from the flow model's: if it is high
+    # while the RAFT-flow accuracy is low, the flow model is the bottleneck.
+    val_gt_f, val_gt_y = gt_flows(0, cfg.val_clips, cfg.frames, cfg.size, split="val")
 
     torch.manual_seed(cfg.seed)
     model = build_i3d(len(CLASSES), width=cfg.width)
@@ -477,23 +480,27 @@ def train_i3d(cfg: I3DTrainConfig) -> dict:
         if state["batch"] < batches_per_epoch:  # out of time mid-epoch
             break
         acc = classifier_accuracy(model, val_f, val_y, cfg.norm)
+        acc_gt = classifier_accuracy(model, val_gt_f, val_gt_y, cfg.norm)
         state["history"].append(
             {
                 "epoch": state["epoch"] + 1,
                 "minutes": round(state["elapsed"] / 60, 2),
                 "train_loss": sum(losses) / max(1, len(losses)),
                 "val_acc": acc,
+                "val_acc_gt_flow": acc_gt,
             }
         )
         log.info(
-            "i3d epoch %d  %.1f min  loss %.4f  val acc %.4f",
+            "i3d epoch %d  %.1f min  loss %.4f  val acc %.4f (RAFT flow)  %.4f (exact flow)",
             state["epoch"] + 1,
             state["elapsed"] / 60,
             state["history"][-1]["train_loss"],
             acc,
+            acc_gt,
         )
-        if acc >= state["best_acc"]:
-            state["best_acc"], state["best_epoch"] = acc, state["epoch"] + 1
+        # Select on both: the bundle must work on its own RAFT's flow and stay right on good flow.
+        if acc + acc_gt >= state["best_acc"] + state.get("best_acc_gt", 0.0):
+            state["best_acc"], state["best_epoch"], state["best_acc_gt"] = acc, state["epoch"] + 1, acc_gt
             torch.save(model.state_dict(), run_dir / I3D_FINAL)
         state["epoch"] += 1
         state["batch"] = 0
@@ -510,6 +517,7 @@ def train_i3d(cfg: I3DTrainConfig) -> dict:
         "gt_flow_clips": cfg.gt_clips,
         "val_clips": cfg.val_clips,
         "val_acc": round(state["best_acc"], 4),
+        "val_acc_gt_flow": round(state.get("best_acc_gt", 0.0), 4),
         "best_epoch": state["best_epoch"],
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
