@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from models.errors import UserError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    # SIGTERM (e.g. from `timeout`) must unwind through the finally below, or the service is orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = Path(tempfile.mkdtemp(prefix="motionguard-bench-"))
     bundle_dir = args.bundle or Path(os.environ.get("MOTIONGUARD_BUNDLE_DIR", DEFAULT_BUNDLE_DIR))
     if args.random_bundle:
