@@ -406,3 +406,69 @@ def test_redis_restart_under_load(service_env, tmp_path):
     finally:
         stack.stop()
         redis.stop()
+
+
+# --- Access: keys, ownership, logging (the session's service, keys key-alice and key-bob) -------------
+
+BOB = {"Authorization": "Bearer key-bob"}
+
+
+def test_keys_ownership_and_open_operations_routes(api, workers, tmp_path, caplog):
+    """Beyond test_service's 401/404 checks: every keyed route is 401 without or with a wrong key,
+    every route of another key's job is 404 (status, each restored format, both pictures, cancel),
+    /healthz, /readyz and /metrics stay open, and no key ever reaches a log line."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    wrong_key = "wrong-" + uuid.uuid4().hex
+    response = submit(api, write_video(tmp_path / "v.mp4", count=4), steps=1)
+    job_id = response.json()["job_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", job_id)  # 128 random bits (secrets.token_hex(16))
+    body = wait_done(api, job_id)
+    assert body["status"] == "finished", body
+
+    job_routes = [
+        ("GET", f"/jobs/{job_id}"),
+        ("GET", f"/jobs/{job_id}/restored"),
+        ("GET", f"/jobs/{job_id}/restored?format=ffv1"),
+        ("GET", f"/jobs/{job_id}/restored?format=npz"),
+        ("GET", f"/jobs/{job_id}/clips/0/flow.png"),
+        ("GET", f"/jobs/{job_id}/clips/0/mc_loss.png"),
+        ("DELETE", f"/jobs/{job_id}"),
+    ]
+    for method, route in [*job_routes, ("GET", "/models"), ("POST", "/classify")]:
+        for headers in ({}, {"Authorization": f"Bearer {wrong_key}"}, {"Authorization": "Basic a2V5LWFsaWNlOg=="}):
+            answer = httpx.request(method, f"{api}{route}", headers=headers, timeout=30)
+            assert answer.status_code == 401, (method, route, headers, answer.text)
+            assert answer.json()["error"]["code"] == "unauthorized"
+    for method, route in job_routes:
+        answer = httpx.request(method, f"{api}{route}", headers=BOB, timeout=30)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", (route, answer.text)
+    for method, route in job_routes[:-1]:  # the owner sees them all
+        assert httpx.request(method, f"{api}{route}", headers=ALICE, timeout=30).status_code == 200, route
+    for route in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(f"{api}{route}", timeout=30).status_code == 200, route
+
+    logged = caplog.text + "".join(p.read_text(errors="replace") for p in workers.log_dir.glob("*.log"))
+    for secret in ("key-alice", "key-bob", wrong_key):
+        assert secret not in logged
+
+
+def test_keys_compared_in_constant_time_and_ids_unguessable():
+    """The key check uses hmac.compare_digest against every configured key (no early exit, no ==),
+    stores only a hash of the key as the job's owner, and job ids are 128-bit secrets."""
+    import ast
+    import inspect
+
+    from service import deps, routes_jobs
+
+    source = inspect.getsource(deps.require_owner)
+    assert "hmac.compare_digest(" in source or "secrets.compare_digest(" in source
+    tree = ast.parse(source.strip())
+    compares = [node for node in ast.walk(tree) if isinstance(node, ast.Compare)]
+    for node in compares:  # only `is None` / `!= "bearer"` style checks, never a key compared with ==
+        text = ast.unparse(node)
+        assert "credentials.credentials" not in text and "sent" not in text and "key" not in text.split()[0], text
+    assert "break" not in source and "return owner_of(key)" not in source
+    assert deps.owner_of("key-alice") != "key-alice" and "key-alice" not in deps.owner_of("key-alice")
+    assert "secrets.token_hex(16)" in inspect.getsource(routes_jobs.classify)
