@@ -101,8 +101,10 @@ class EvaluationState:
         tmp.write_text(json.dumps({"signature": self.signature, "rows": self.rows}))
         tmp.replace(self.path)
 
-    def records(self, row: str) -> list[ClipRecord]:
-        return [ClipRecord(**r) for _, r in sorted(self.rows.get(row, {}).items(), key=lambda kv: int(kv[0]))]
+    def records(self, row: str, subset: Sequence[int] | None = None) -> list[ClipRecord]:
+        saved = self.rows.get(row, {})
+        keys = sorted(saved, key=int) if subset is None else [str(i) for i in subset if str(i) in saved]
+        return [ClipRecord(**saved[k]) for k in keys]
 
 
 def evaluate(
@@ -117,6 +119,7 @@ def evaluate(
     random_n: int | None = None,
     state_path: Path | None = None,
     seed: int = 0,
+    identity: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Run every row on its clips and return the report dict (see ``motionguard eval``)."""
@@ -126,13 +129,9 @@ def evaluate(
         count = int(spec.options.get("n", adaptive_n if spec.defense_aware else len(indices)))
         rows.append((spec.name, spec, list(indices)[:count]))
     defense = pipeline.defense
-    signature = {
-        "indices": list(indices),
-        "rows": [name for name, _, _ in rows],
-        "adaptive_n": adaptive_n,
-        "defense": asdict(defense),
-        "seed": seed,
-    }
+    # Records are kept per row name and clip index, so a later run with a larger n (or more rows)
+    # reuses every clip already done; only what decides a clip's outcome is in the signature.
+    signature = {"defense": asdict(defense), "seed": seed, **(identity or {})}
     state = EvaluationState(state_path, signature)
     timings: dict[str, float] = {}
     for name, spec, subset in rows:
@@ -167,10 +166,10 @@ def _quantiles(values: Sequence[float]) -> dict[str, float]:
 
 
 def build_report(state: EvaluationState, rows, timings: dict[str, float], defense_eps: float) -> dict:
-    clean = state.records("clean")
+    clean = state.records("clean", rows[0][2])
     report_rows, auroc_by_attack, mc = [], {}, {}
-    for name, spec, _ in rows:
-        records = state.records(name)
+    for name, spec, subset in rows:
+        records = state.records(name, subset)
         report_rows.append(
             {
                 "name": name,

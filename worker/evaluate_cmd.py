@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         state_path=state_path,
         seed=args.seed,
+        identity={"bundle": meta.sha256, "source": origin},
         progress=progress,
     )
     report.update(
