@@ -472,3 +472,23 @@ def test_keys_compared_in_constant_time_and_ids_unguessable():
     assert "break" not in source and "return owner_of(key)" not in source
     assert deps.owner_of("key-alice") != "key-alice" and "key-alice" not in deps.owner_of("key-alice")
     assert "secrets.token_hex(16)" in inspect.getsource(routes_jobs.classify)
+
+
+# --- bench load's driver against the session's service --------------------------------------------
+
+
+def test_bench_load_driver_accounts_for_every_accepted_job(api, tmp_path):
+    """``motionguard bench load`` (its driver, against a running service): every accepted job ends
+    with a result, and the counts add up."""
+    import argparse
+
+    from service.bench_load import drive
+    from service.bench_service import _make_video
+
+    _make_video(tmp_path / "load.mp4", 4, 64, 64)
+    args = argparse.Namespace(concurrency=3, requests=6, steps=0, clips=1, timeout=240.0, poll_ms=100.0)
+    summary = drive(api, (tmp_path / "load.mp4").read_bytes(), args, ALICE)
+    assert summary["accepted"] + summary["rejected_503"] + summary["rejected_429"] + summary["other_responses"] == 6
+    assert summary["accepted"] >= 1 and summary["other_responses"] == 0, summary
+    assert summary["finished_with_result"] == summary["accepted"] and summary["all_accepted_finished"], summary
+    assert summary["enqueue_latency_ms"]["p50"] > 0
