@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.main", "run one long-lived model worker"),
     "classify": ("worker.classify", "classify a video in-process (no Redis)"),
     "eval": ("worker.evaluate_cmd", "robustness evaluation: attacks x defence table"),
-    "calibrate": ("models.calibrate_cmd", "clean MC-loss calibration of a bundle"),
+    "calibrate": ("worker.calibrate_cmd", "clean MC-loss calibration of a bundle"),
     "bundle": ("models.bundle_cmd", "create or verify a model bundle"),
     "train-demo": ("models.train_cmd", "train the demo RAFT-small + I3D pair on synthetic motion"),
 }
