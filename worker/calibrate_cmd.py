@@ -39,8 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def video_clips(folder: Path, frames: int, height: int, width: int, resize: str, n: int, per_video: int):
     """(clip, None) from the videos under ``folder``, cut the way the service cuts uploads.
 
-    The decoder is the worker's (imported here, at call time, by the command only: the models
-    library itself never depends on worker/). Undecodable files are skipped with a warning."""
+    Undecodable files are skipped with a warning."""
     import torch
 
     from models.errors import UserError, VideoError
