@@ -275,7 +275,7 @@ def _running_on(stack: Stack, url: str, job_id: str) -> tuple[str, subprocess.Po
 def test_worker_sigkill_mid_job_is_retried_within_bound(fault_stack, tmp_path):
     """Beyond test_service's SIGKILL test: how long until the job runs again on the other worker."""
     url = fault_stack.url
-    job_id = submit(url, write_video(tmp_path / "v.mp4", count=8), steps=10).json()["job_id"]
+    job_id = submit(url, write_video(tmp_path / "v.mp4", count=4), steps=4).json()["job_id"]
     victim_name, victim = _running_on(fault_stack, url, job_id)
     time.sleep(0.3)
     victim.send_signal(signal.SIGKILL)
@@ -299,7 +299,7 @@ def test_worker_sigkill_mid_job_is_retried_within_bound(fault_stack, tmp_path):
 def test_worker_sigterm_mid_job_finishes_it_and_exits_0(fault_stack, tmp_path):
     """Warm shutdown: the running job finishes on the worker that got SIGTERM, which then exits 0."""
     url = fault_stack.url
-    job_id = submit(url, write_video(tmp_path / "v.mp4", count=8), steps=8).json()["job_id"]
+    job_id = submit(url, write_video(tmp_path / "v.mp4", count=4), steps=4).json()["job_id"]
     name, proc = _running_on(fault_stack, url, job_id)
     assert proc.poll() is None
     time.sleep(0.3)
@@ -364,7 +364,7 @@ def test_redis_restart_under_load(service_env, tmp_path):
         video = write_video(tmp_path / "v.mp4", count=4)
         accepted = []
         for _ in range(4):
-            response = submit(url, video, steps=3)
+            response = submit(url, video, steps=2)
             assert response.status_code == 202, response.text
             accepted.append(response.json()["job_id"])
         wait_for(lambda: status(url, accepted[0])["status"] == "started", 60, what="first job started")
