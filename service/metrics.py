@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-SUBMITTED = Counter("motionguard_jobs_submitted_total", "jobs accepted by POST /classify", registry=REGISTRY)
+SUBMITTED = Counter(
+    "motionguard_jobs_submitted_total", "jobs accepted by POST /classify", ["model", "version"], registry=REGISTRY
+)
 REJECTED = Counter("motionguard_requests_rejected_total", "requests refused, by reason", ["reason"], registry=REGISTRY)
 MODEL_INFO = Gauge("motionguard_model_info", "the bundle this service serves", ["name", "version"], registry=REGISTRY)
 

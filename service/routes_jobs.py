@@ -142,7 +142,7 @@ async def classify(
         raise
     if idempotency_key:
         admission.complete_idempotency(connection, settings, owner, idempotency_key, job_id)
-    metrics.SUBMITTED.inc()
+    metrics.SUBMITTED.labels(meta.name, meta.version).inc()
     return _accepted(job_id, "queued")
 
 
