@@ -65,7 +65,7 @@ def build_demo_raft() -> nn.Module:
 class RaftTrainConfig:
     run_dir: Path
     max_steps: int = 100_000
-    max_minutes: float = 32.0
+    max_minutes: float = 40.0
     batch_size: int = 16
     lr: float = 4e-4
     weight_decay: float = 1e-4
@@ -75,7 +75,7 @@ class RaftTrainConfig:
     clip_grad: float = 1.0
     frames: int = 8
     size: int = 64
-    dense_prob: float = 0.75  # fraction of pairs from make_flow_pair (dense motion) vs class clips
+    dense_prob: float = 0.9  # fraction of pairs from make_flow_pair (dense motion) vs class clips
     noise_prob: float = 0.3  # fraction of pairs with uniform noise (the defence's perturbation range)
     noise_eps: float = 12 / 255
     checkpoint_every: int = 20

@@ -15,8 +15,6 @@ import argparse
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,53 +44,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     embedded.add_argument(
         "--max-inflight", type=int, default=None, help="MOTIONGUARD_MAX_INFLIGHT_PER_KEY (429; default: no cap)"
     )
-
-
-def _start_service(args: argparse.Namespace, bundle_dir: Path, work: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    from models.errors import UserError
-    from service.bench_service import _free_port
-
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("MOTIONGUARD_REDIS_URL", "MOTIONGUARD_API_KEYS")}
-    env.update(
-        MOTIONGUARD_BUNDLE_DIR=str(bundle_dir),
-        MOTIONGUARD_DATA_DIR=str(work / "data"),
-        MOTIONGUARD_MAX_INFLIGHT_PER_KEY=str(args.max_inflight or max(10, args.requests)),
-    )
-    if args.max_queued:
-        env["MOTIONGUARD_MAX_QUEUED"] = str(args.max_queued)
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
-    cmd.append("--no-access-log")
-    server = subprocess.Popen(
-        cmd, env=env, stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    with httpx.Client(base_url=base, timeout=30) as probe:
-        while True:
-            if server.poll() is not None:
-                raise UserError(f"the service exited early; see {work / 'serve.log'}")
-            try:
-                ready = probe.get("/readyz").json()
-                if ready.get("ready") and ready.get("workers", 0) >= args.workers:
-                    return server, base
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                server.send_signal(signal.SIGTERM)
-                raise UserError(f"the service was not ready after 300 s; see {work / 'serve.log'}")
-            time.sleep(0.5)
-
-
-def _stop_service(server: subprocess.Popen) -> None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def _geometry(base: str, headers: dict) -> tuple[int, int, int]:
@@ -208,7 +159,7 @@ def drive(base: str, video: bytes, args: argparse.Namespace, headers: dict) -> d
 
 def run(args: argparse.Namespace) -> int:
     from models.errors import UserError
-    from service.bench_service import _make_video
+    from service.bench_service import _make_video, start_embedded_service, stop_service
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.concurrency < 1 or args.requests < 1:
@@ -228,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
                 bundle_dir = make_random_bundle(
                     work / "bundle", frames=args.random_frames, size=args.random_size, steps=max(1, args.steps)
                 )
-            server, base = _start_service(args, bundle_dir, work)
+            limits = {"MOTIONGUARD_MAX_INFLIGHT_PER_KEY": str(args.max_inflight or max(10, args.requests))}
+            if args.max_queued:
+                limits["MOTIONGUARD_MAX_QUEUED"] = str(args.max_queued)
+            server, base = start_embedded_service(work, bundle_dir, args.workers, limits)
             setup.update(workers=args.workers, max_queued=args.max_queued or 100, bundle=str(bundle_dir))
         frames, height, width = _geometry(base, headers)
         setup.update(input={"frames": frames, "height": height, "width": width}, clips=args.clips, steps=args.steps)
@@ -237,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         summary = drive(base, video_path.read_bytes(), args, headers)
     finally:
         if server is not None:
-            _stop_service(server)
+            stop_service(server)
     summary = {"benchmark": "load", **summary, "setup": setup}
     sys.stdout.write(json.dumps(summary) + "\n")
     if not summary["all_accepted_finished"]:

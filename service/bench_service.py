@@ -46,6 +46,54 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_embedded_service(
+    work: Path, bundle_dir: Path, workers: int, extra_env: dict[str, str]
+) -> tuple[subprocess.Popen, str]:
+    """Start ``motionguard serve`` (embedded Redis, ``workers`` workers, no API keys) on a free port
+    and wait until ``/readyz`` counts every worker; returns the process and its base URL.
+
+    The service's log goes to ``work/serve.log``; access logging is off because one line per status
+    poll would be measured as service overhead."""
+    import httpx
+
+    from models.errors import UserError
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MOTIONGUARD_REDIS_URL", "MOTIONGUARD_API_KEYS")}
+    env.update(MOTIONGUARD_BUNDLE_DIR=str(bundle_dir), MOTIONGUARD_DATA_DIR=str(work / "data"), **extra_env)
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", str(workers)]
+    cmd.append("--no-access-log")
+    server = subprocess.Popen(
+        cmd, env=env, stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    with httpx.Client(base_url=base, timeout=30) as probe:
+        while True:
+            if server.poll() is not None:
+                raise UserError(f"the service exited early; see {work / 'serve.log'}")
+            try:
+                ready = probe.get("/readyz").json()
+                if ready.get("ready") and ready.get("workers", 0) >= workers:
+                    return server, base
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                stop_service(server)
+                raise UserError(f"the service was not ready after 300 s; see {work / 'serve.log'}")
+            time.sleep(0.5)
+
+
+def stop_service(server: subprocess.Popen) -> None:
+    """SIGTERM (workers finish their job), then kill what is still there after 90 s."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -119,33 +167,10 @@ def run(args: argparse.Namespace) -> int:
     _make_video(video_path, meta.input.frames * args.clips, meta.input.height, meta.input.width)
     video = video_path.read_bytes()
 
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("MOTIONGUARD_REDIS_URL", "MOTIONGUARD_API_KEYS")}
-    env.update(
-        MOTIONGUARD_BUNDLE_DIR=str(bundle_dir),
-        MOTIONGUARD_DATA_DIR=str(work / "data"),
-        MOTIONGUARD_MAX_INFLIGHT_PER_KEY=str(max(10, args.workers * 2)),
+    server, base = start_embedded_service(
+        work, bundle_dir, args.workers, {"MOTIONGUARD_MAX_INFLIGHT_PER_KEY": str(max(10, args.workers * 2))}
     )
-    server_log = open(work / "serve.log", "wb")
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", str(args.workers)]
-    cmd.append("--no-access-log")  # one log line per status poll would be measured as overhead
-    server = subprocess.Popen(cmd, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=base, timeout=60) as probe:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    raise UserError(f"the service exited early; see {work / 'serve.log'}")
-                try:
-                    ready = probe.get("/readyz").json()
-                    if ready.get("ready") and ready.get("workers", 0) >= args.workers:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise UserError(f"the service was not ready after 300 s; see {work / 'serve.log'}")
-                time.sleep(0.5)
         params = {"defend": "true", "steps": steps}
         poll_s = args.poll_ms / 1000
         samples: list[dict] = []
@@ -187,11 +212,7 @@ def run(args: argparse.Namespace) -> int:
         if errors:
             raise UserError(f"a benchmark job failed: {errors[0]}")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_service(server)
 
     e2e = [s["e2e_ms"] for s in samples]
     compute = [s["compute_ms"] for s in samples]

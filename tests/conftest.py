@@ -110,6 +110,27 @@ def redis_url(tmp_path_factory):
         server.shutdown()
 
 
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+TERMINAL = ("finished", "failed", "canceled")
+
+
+def wait_done(api: str, job_id: str, headers: dict | None = ALICE, timeout: float = 120.0) -> dict:
+    """Poll ``GET /jobs/{id}`` until the job ends; a job that never ends is a hang, reported as one."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{api}/jobs/{job_id}", headers=headers or {}, timeout=10).json()
+        if body.get("status") in TERMINAL:
+            return body
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} not done after {timeout} s (a hang): {body}")
+
+
 def free_port() -> int:
     import socket
 

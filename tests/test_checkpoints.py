@@ -49,9 +49,7 @@ def to_original_release(state: dict, arch: str) -> dict:
 def test_original_release_format_loads_identically(arch):
     torch.manual_seed(0)
     source = build_raft(arch)
-    source.context_encoder.apply(
-        lambda m: m.running_mean.uniform_() if isinstance(m, torch.nn.BatchNorm2d) else None
-    )
+    source.context_encoder.apply(lambda m: m.running_mean.uniform_() if isinstance(m, torch.nn.BatchNorm2d) else None)
     target = build_raft(arch)
     load_raft_weights(target, to_original_release(source.state_dict(), arch), fmt="original")
     for key, value in source.state_dict().items():

@@ -17,7 +17,6 @@ import ast
 import io
 import json
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -25,28 +24,17 @@ import av
 import httpx
 import numpy as np
 import pytest
-from conftest import settings_from_env, smooth_frames, write_video
+from conftest import ALICE, settings_from_env, smooth_frames, wait_done, write_video
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-ALICE = {"Authorization": "Bearer key-alice"}
 
 
 def submit_bytes(api: str, data: bytes, filename: str = "clip.mp4", **params) -> httpx.Response:
     return httpx.post(
         f"{api}/classify", params=params, files={"file": (filename, data, "video/mp4")}, headers=ALICE, timeout=60
     )
-
-
-def wait_done(api: str, job_id: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = httpx.get(f"{api}/jobs/{job_id}", headers=ALICE, timeout=10).json()
-        if body["status"] in ("finished", "failed", "canceled"):
-            return body
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} still {body['status']} after {timeout} s (a hang)")
 
 
 # --- Building the corpus ---------------------------------------------------------------------------

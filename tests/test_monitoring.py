@@ -567,22 +567,9 @@ def _compose_command(service: str) -> list[str]:
     return command
 
 
-def _wait_job(api: str, job_id: str, timeout: float = 120.0) -> dict:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = httpx.get(f"{api}/jobs/{job_id}", timeout=10).json()
-        if body["status"] in ("finished", "failed", "canceled"):
-            return body
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id} not done: {body}")
-
-
 def _run_jobs(api: str, videos: list[Path]) -> list[dict]:
     import httpx
+    from conftest import wait_done
 
     ids = []
     for video in videos:
@@ -592,7 +579,7 @@ def _run_jobs(api: str, videos: list[Path]) -> list[dict]:
             )
         assert response.status_code == 202, response.text
         ids.append(response.json()["job_id"])
-    return [_wait_job(api, job_id) for job_id in ids]
+    return [wait_done(api, job_id, headers=None) for job_id in ids]
 
 
 def _alert_expr(name: str) -> str:

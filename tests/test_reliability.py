@@ -24,12 +24,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LiveServer, WorkerPool, free_port, settings_from_env, write_video
+from conftest import ALICE, LiveServer, WorkerPool, free_port, settings_from_env, wait_done, write_video
 
 pytestmark = pytest.mark.integration
-
-ALICE = {"Authorization": "Bearer key-alice"}
-TERMINAL = ("finished", "failed", "canceled")
 
 
 def report(name: str, **figures) -> None:
@@ -55,15 +52,6 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached after {timeout} s")
-
-
-def wait_done(url: str, job_id: str, timeout: float = 120.0, headers=ALICE) -> dict:
-    return wait_for(
-        lambda: (lambda body: body if body.get("status") in TERMINAL else None)(status(url, job_id, headers)),
-        timeout,
-        0.2,
-        f"job {job_id} terminal",
-    )
 
 
 def rejected(metrics_text: str, reason: str) -> float:

@@ -15,14 +15,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import LiveServer, settings_from_env, write_video
+from conftest import ALICE, BOB, LiveServer, settings_from_env, wait_done, write_video
 
 from worker.video import cut_clips, decode_video, read_frames
 
 pytestmark = pytest.mark.integration
-
-ALICE = {"Authorization": "Bearer key-alice"}
-BOB = {"Authorization": "Bearer key-bob"}
 
 
 def submit(api: str, path, headers=ALICE, **params) -> httpx.Response:
@@ -30,16 +27,6 @@ def submit(api: str, path, headers=ALICE, **params) -> httpx.Response:
         return httpx.post(
             f"{api}/classify", params=params, files={"file": ("clip.mp4", handle)}, headers=headers, timeout=30
         )
-
-
-def wait_done(api: str, job_id: str, headers=ALICE, timeout: float = 90.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = httpx.get(f"{api}/jobs/{job_id}", headers=headers, timeout=10).json()
-        if body["status"] in ("finished", "failed", "canceled"):
-            return body
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} not done after {timeout} s: {body}")
 
 
 def expected_clips(path, count_clips: int) -> np.ndarray:

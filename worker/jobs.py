@@ -75,6 +75,13 @@ def _encode_restored(frames, fps: float, formats: list[str]) -> dict[str, bytes]
     return blobs
 
 
+def _record_failure(job, connection, settings, code: str, message: str, status: str = "failed") -> None:
+    """Store why the job ended (``GET /jobs/{id}`` shows it as ``error``) and count the outcome."""
+    job.meta["error"] = {"code": code, "message": message}
+    job.save_meta()
+    metrics.record_job(connection, settings, status)
+
+
 def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point. ``params``: defend, top_k, multi, steps, epsilon (validated by the API)."""
     job = get_current_job()
@@ -153,31 +160,21 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
         return {"stored": True, "compute_ms": timings["total"]}
     except JobCanceled:
         job.meta["canceled"] = True
-        job.meta["error"] = {"code": "canceled", "message": "the job was canceled"}
-        job.save_meta()
-        metrics.record_job(connection, settings, "canceled")
+        _record_failure(job, connection, settings, "canceled", "the job was canceled", status="canceled")
         raise
     except UserError as exc:
-        job.meta["error"] = {"code": "invalid_video", "message": str(exc)}
-        job.save_meta()
-        metrics.record_job(connection, settings, "failed")
+        _record_failure(job, connection, settings, "invalid_video", str(exc))
         log.info("job %s failed: %s", job_id, exc)
         raise
     except StorageError as exc:
-        job.meta["error"] = {"code": "storage_error", "message": str(exc)}
-        job.save_meta()
-        metrics.record_job(connection, settings, "failed")
+        _record_failure(job, connection, settings, "storage_error", str(exc))
         log.error("job %s failed: %s", job_id, exc)
         raise
     except JobTimeoutException:
-        job.meta["error"] = {"code": "timeout", "message": f"the job exceeded its {job.timeout} s timeout"}
-        job.save_meta()
-        metrics.record_job(connection, settings, "failed")
+        _record_failure(job, connection, settings, "timeout", f"the job exceeded its {job.timeout} s timeout")
         raise
     except Exception as exc:
-        job.meta["error"] = {"code": "internal", "message": f"internal error ({type(exc).__name__})"}
-        job.save_meta()
-        metrics.record_job(connection, settings, "failed")
+        _record_failure(job, connection, settings, "internal", f"internal error ({type(exc).__name__})")
         raise
     finally:
         discard_upload(connection, settings, job_id)
