@@ -192,8 +192,18 @@ def build_report(state: EvaluationState, rows, timings: dict[str, float], defens
         "rows": report_rows,
         "auroc": auroc_by_attack,
         "mc_loss": mc,
-        "sanity": sanity_checks(report_rows),
+        **_sanity_on_common_clips(state, rows),
     }
+
+
+def _sanity_on_common_clips(state: EvaluationState, rows) -> dict:
+    """Sanity checks on the clips every row ran on: rows of different n (e.g. pgd:8 on 200 clips,
+    pgd:8:steps=40 on 50) are only comparable on the same clips."""
+    common = sorted(set.intersection(*(set(subset) for _, _, subset in rows)))
+    restricted = [
+        {"name": name, "standard": _percent([r.standard for r in state.records(name, common)])} for name, _, _ in rows
+    ]
+    return {"sanity": sanity_checks(restricted), "sanity_n": len(common)}
 
 
 def sanity_checks(rows: list[dict]) -> dict:
@@ -234,7 +244,8 @@ def to_markdown(report: dict) -> str:
         au_text = f"{au:.3f}" if isinstance(au, float) else "–"
         lines.append(f"| {r['name']} | {r['n']} | {r['standard']} | {r['random']} | {r['defended']} | {au_text} |")
     if report.get("sanity"):
-        lines += ["", "Sanity checks: " + json.dumps(report["sanity"])]
+        common = f"on the {report.get('sanity_n')} clips every row ran on"
+        lines += ["", f"Sanity checks ({common}): " + json.dumps(report["sanity"])]
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--raft-minutes", type=float, default=40.0, help="wall-clock budget of the RAFT stage")
     g.add_argument("--raft-batch", type=int, default=16)
     g.add_argument("--raft-lr", type=float, default=4e-4)
+    g.add_argument(
+        "--raft-dense-prob",
+        type=float,
+        default=0.9,
+        help="share of dense-motion pairs (the rest: pairs of class clips, the deployment's small motions)",
+    )
     g.add_argument("--raft-eval-clips", type=int, default=24)
     g.add_argument("--raft-init", type=Path, default=None, help="warm-start weights for a fresh RAFT run")
     g = parser.add_argument_group("I3D stage")
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 frames=args.frames,
                 size=args.size,
                 eval_clips=args.raft_eval_clips,
+                dense_prob=args.raft_dense_prob,
                 init=args.raft_init,
                 seed=args.seed,
             )
