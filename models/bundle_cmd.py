@@ -1,9 +1,11 @@
-"""``motionguard bundle create|verify``: package checkpoints a user brings, or check a bundle.
+"""``motionguard bundle create|verify|test``: package checkpoints a user brings, check a bundle, or
+measure it on a MotionShapes split.
 
 ``create`` accepts torchvision or original-release RAFT state dicts and PyTorch-port I3D state dicts;
 the bundle is only written if the weights load into the declared architectures (sha256 recorded per
 weight file). ``verify`` re-checks hashes, loads the weights and runs one clip through the models, so
-a tampered or mismatched bundle is refused before a worker ever serves it. Every failure is a
+a tampered or mismatched bundle is refused before a worker ever serves it. ``test`` measures flow
+end-point error against the exact flow and top-1 accuracy with and without the defence. Every failure is a
 ``UserError``/``BundleError`` (one clear line, non-zero exit).
 """
 
@@ -40,6 +42,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     verify = sub.add_parser("verify", help="check a bundle's hashes, shapes and one forward pass")
     verify.add_argument("bundle", type=Path)
     verify.add_argument("--json", action="store_true")
+    test = sub.add_parser("test", help="flow EPE and top-1 (undefended, defended) on a MotionShapes split")
+    test.add_argument("bundle", type=Path)
+    test.add_argument("--split", choices=("test", "val"), default="test")
+    test.add_argument("--n", type=int, default=200, help="clips for EPE and undefended accuracy")
+    test.add_argument("--defended-n", type=int, default=200, help="of those, how many also run defended")
 
 
 def read_labels(path: Path) -> list[str]:
@@ -133,6 +140,14 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle_action == "create":
         out = _create(args)
         print(f"bundle written to {out} (run 'motionguard calibrate --bundle {out} --clips DIR' to calibrate it)")
+        return 0
+    if args.bundle_action == "test":
+        from models.errors import UserError
+        from models.train import evaluate_split
+
+        if not 0 < args.n or not 0 <= args.defended_n <= args.n:
+            raise UserError("need 0 < --n and 0 <= --defended-n <= --n")
+        print(json.dumps(evaluate_split(args.bundle, args.split, args.n, args.defended_n), indent=2))
         return 0
     report = _verify(args)
     if args.json:

@@ -200,6 +200,19 @@ def test_bundle_cli_create_verify_and_refusals(tmp_path: Path, capsys):
     assert "sha256" in capsys.readouterr().err
 
 
+def test_bundle_test_cli_measures_epe_and_accuracy(tmp_path: Path, capsys):
+    from models.bundle import make_random_bundle
+
+    bundle = make_random_bundle(tmp_path / "b", frames=3, num_classes=len(CLASSES), i3d_width=0.125, steps=1)
+    assert _cli("bundle", "test", str(bundle), "--split", "val", "--n", "3", "--defended-n", "2") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 3 and report["defended_n"] == 2
+    assert 0 <= report["top1_undefended"] <= 1 and 0 <= report["top1_defended"] <= 1
+    assert report["moving_flow_epe"] > 0 and report["moving_zero_flow_epe"] > report["zero_flow_epe"]
+    assert _cli("bundle", "test", str(bundle), "--n", "2", "--defended-n", "3") == 2
+    assert "--defended-n" in capsys.readouterr().err
+
+
 def test_calibrate_cli_on_synthetic_split(tmp_path: Path, capsys):
     from models.bundle import make_random_bundle
     from models.bundle_meta import read_bundle_meta
