@@ -33,7 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="defence steps (default: the bundle's)")
     parser.add_argument("--batch", type=int, default=8, help="clips per batch")
     parser.add_argument("--json", type=Path, default=Path("eval.json"), help="report path (.md and .png beside it)")
-    parser.add_argument("--state", type=Path, default=None, help="resume file (default: <json>.state)")
+    parser.add_argument(
+        "--state", type=Path, default=None, help="resume file (default: the report path with .state.json)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
 
