@@ -32,6 +32,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "OpenMP barriers stall under contention)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n] for the RAFT and I3D stages")
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="processes rendering training data ahead of the model (0: in-process; worth it on a GPU)",
+    )
     g = parser.add_argument_group("RAFT stage")
     g.add_argument("--raft-steps", type=int, default=100_000, help="step budget (whichever budget ends first)")
     g.add_argument("--raft-minutes", type=float, default=40.0, help="wall-clock budget of the RAFT stage")
@@ -58,6 +65,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="fraction of training clips also cached with +-12/255 uniform noise",
     )
+    g.add_argument(
+        "--i3d-defended-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of training clips also cached purified by the default defence (~40x a flow "
+        "pass each: meant for --device cuda)",
+    )
+    g.add_argument("--i3d-chunk", type=int, default=50, help="clips per cached flow file")
+    g.add_argument("--i3d-flow-batch", type=int, default=10, help="clips per RAFT call while caching flows")
     g.add_argument("--i3d-lr", type=float, default=3e-3)
     g.add_argument("--i3d-batch", type=int, default=32)
     g = parser.add_argument_group("bundle stage")
@@ -70,14 +86,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-calibrate", action="store_true")
 
 
-def _record_command(run_dir: Path, stage: str, command: str) -> None:
-    """Add the command line and thread count to a stage's summary: the bundle copies the summaries
-    into ``training``, so a shipped bundle says exactly how each stage was run."""
+def _record_command(run_dir: Path, stage: str, command: str, device: str) -> None:
+    """Add the command line, thread count and machine to a stage's summary: the bundle copies the
+    summaries into ``training``, so a shipped bundle says exactly how and where each stage ran."""
     import torch
 
     path = Path(run_dir) / f"{stage}_summary.json"
     summary = json.loads(path.read_text())
-    summary.update(command=command, torch_threads=torch.get_num_threads())
+    summary.update(command=command, torch_threads=torch.get_num_threads(), torch_version=torch.__version__)
+    if torch.device(device).type == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(torch.device(device))
     path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -103,9 +121,11 @@ def run(args: argparse.Namespace) -> int:
                 dense_prob=args.raft_dense_prob,
                 init=args.raft_init,
                 seed=args.seed,
+                device=args.device,
+                loader_workers=args.loader_workers,
             )
         )
-        _record_command(args.run_dir, "raft", command)
+        _record_command(args.run_dir, "raft", command, args.device)
         log.info("RAFT stage done: %s", summary)
     if "i3d" in stages:
         summary = train.train_i3d(
@@ -123,9 +143,14 @@ def run(args: argparse.Namespace) -> int:
                 frames=args.frames,
                 size=args.size,
                 seed=args.seed,
+                defended_fraction=args.i3d_defended_fraction,
+                chunk=args.i3d_chunk,
+                flow_batch=args.i3d_flow_batch,
+                device=args.device,
+                loader_workers=args.loader_workers,
             )
         )
-        _record_command(args.run_dir, "i3d", command)
+        _record_command(args.run_dir, "i3d", command, args.device)
         log.info("I3D stage done: %s", summary)
     if "bundle" in stages:
         out = train.bundle_demo(
