@@ -64,6 +64,23 @@ def test_pair_batches_are_a_function_of_the_step(tmp_path: Path):
     assert not torch.equal(a[0], train._pair_batch(6, cfg)[0])
 
 
+def test_loader_workers_render_the_same_stream(tmp_path: Path):
+    """Batches rendered ahead by worker processes are the in-process stream, in order: a GPU run
+    with --loader-workers trains on exactly the data a CPU run would."""
+    cfg = train.RaftTrainConfig(run_dir=tmp_path, batch_size=2, frames=3, max_steps=7)
+    ahead = list(train._loader(train._PairBatches(cfg, first_step=4), workers=2))
+    assert len(ahead) == 3
+    for step, batch in zip(range(4, 7), ahead, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(batch, train._pair_batch(step, cfg), strict=True))
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path: Path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        train.train_raft(train.RaftTrainConfig(run_dir=tmp_path, max_steps=1, device="cuda"))
+
+
 def test_flip_flows_maps_labels():
     _, flows = make_clip(3, CLASSES.index("translate_right"))
     labels = torch.tensor([CLASSES.index("translate_right")])
@@ -119,6 +136,25 @@ def test_i3d_training_caches_flows_checkpoints_and_resumes(raft_run: Path):
     assert sorted(p.name.split("_")[1] for p in (raft_run / "flows").glob("train_*.pt")) == ["clean", "noisy"]
     summary = train.train_i3d(_i3d_cfg(raft_run, 2))
     assert summary["epochs"] == 2 and len(summary["history"]) == 2
+
+
+def test_defended_flows_are_the_purified_clips_flows(raft_run: Path, tmp_path: Path):
+    """The "defended" cache holds RAFT's flow of each clip after the default purification: the same
+    as running purify then RAFT by hand, and not the clean clip's flow."""
+    from models.defense import DefenseConfig, purify
+
+    cfg = train.I3DTrainConfig(run_dir=tmp_path, frames=3, chunk=2, flow_batch=1, flow_updates=2, loader_workers=1)
+    video_raft = train.load_trained_raft(raft_run)
+    flows, labels = train.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="defended", cfg=cfg)
+    clean, _ = train.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="clean", cfg=cfg)
+    clips = torch.stack([make_clip(i, i % len(CLASSES), frames=3)[0] for i in range(2)])
+    with torch.no_grad():
+        expected = video_raft(purify(clips, video_raft, DefenseConfig()).restored, num_flow_updates=2)["forward"]
+    assert labels.tolist() == [0, 1]
+    assert torch.allclose(flows.float(), expected, atol=1e-2)
+    assert not torch.allclose(flows, clean)
+    with pytest.raises(ValueError, match="kind"):
+        train.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="attacked", cfg=cfg)
 
 
 def test_bundle_demo_calibrates_and_records_training(raft_run: Path, tmp_path: Path):
