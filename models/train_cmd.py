@@ -107,22 +107,25 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     command = "motionguard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     stages = ("raft", "i3d", "bundle") if args.stage == "all" else (args.stage,)
+    common = {
+        "run_dir": args.run_dir,
+        "frames": args.frames,
+        "size": args.size,
+        "seed": args.seed,
+        "device": args.device,
+        "loader_workers": args.loader_workers,
+    }
     if "raft" in stages:
         summary = train.train_raft(
             train.RaftTrainConfig(
-                run_dir=args.run_dir,
                 max_steps=args.raft_steps,
                 max_minutes=args.raft_minutes,
                 batch_size=args.raft_batch,
                 lr=args.raft_lr,
-                frames=args.frames,
-                size=args.size,
                 eval_clips=args.raft_eval_clips,
                 dense_prob=args.raft_dense_prob,
                 init=args.raft_init,
-                seed=args.seed,
-                device=args.device,
-                loader_workers=args.loader_workers,
+                **common,
             )
         )
         _record_command(args.run_dir, "raft", command, args.device)
@@ -130,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     if "i3d" in stages:
         summary = train.train_i3d(
             train.I3DTrainConfig(
-                run_dir=args.run_dir,
                 epochs=args.i3d_epochs,
                 max_minutes=args.i3d_minutes,
                 width=args.i3d_width,
@@ -138,16 +140,12 @@ def run(args: argparse.Namespace) -> int:
                 val_clips=args.i3d_val_clips,
                 noisy_fraction=args.i3d_noisy_fraction,
                 gt_clips=args.i3d_gt_clips,
+                defended_fraction=args.i3d_defended_fraction,
                 lr=args.i3d_lr,
                 batch_size=args.i3d_batch,
-                frames=args.frames,
-                size=args.size,
-                seed=args.seed,
-                defended_fraction=args.i3d_defended_fraction,
                 chunk=args.i3d_chunk,
                 flow_batch=args.i3d_flow_batch,
-                device=args.device,
-                loader_workers=args.loader_workers,
+                **common,
             )
         )
         _record_command(args.run_dir, "i3d", command, args.device)
