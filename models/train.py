@@ -1,11 +1,13 @@
 """Training the demo model pair on MotionShapes: RAFT-small on exact flow, then I3D on RAFT's flow.
 
-Everything is budgeted for a 2-core CPU: both stages stop at a step/epoch budget or a wall-clock
-budget, whichever comes first, and the learning-rate schedule follows the *fraction of the budget
-used* (not a step count fixed in advance), so a minutes-budgeted run still anneals properly. Each
-stage checkpoints model + optimizer + progress into the run directory, and re-running the same
-command resumes from the last checkpoint (the elapsed time is stored, so the budget is the total
-training time across interruptions, not per invocation).
+Everything is budgeted for a 2-core CPU (``device="cuda"`` and ``loader_workers`` take the same
+stages to a GPU, the synthetic data rendered by worker processes ahead of it): both stages stop at
+a step/epoch budget or a wall-clock budget, whichever comes first, and the learning-rate schedule
+follows the *fraction of the budget used* (not a step count fixed in advance), so a
+minutes-budgeted run still anneals properly. Each stage checkpoints model + optimizer + progress
+into the run directory, and re-running the same command resumes from the last checkpoint (the
+elapsed time is stored, so the budget is the total training time across interruptions, not per
+invocation).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.bundle_meta import FlowNormalisation
-from models.errors import UserError
 from models.data.synthetic import CLASSES, SPLIT_BASE, make_clip, make_flow_pair, split_seed
+from models.errors import UserError
 from models.flow import VideoRAFT, build_raft
 
 log = logging.getLogger(__name__)
@@ -536,7 +538,7 @@ def train_i3d(cfg: I3DTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
+        state = {"best_score": -1.0, "best": {}, **saved["state"]}  # runs saved before those keys existed
         log.info(
             "resuming I3D training at epoch %d batch %d (%.1f min done)",
             state["epoch"],
