@@ -14,7 +14,7 @@ import sys
 def main() -> int:
     import redis
 
-    from service.settings import Settings
+    from worker.settings import Settings
 
     settings = Settings()
     if not settings.redis_url:

@@ -8,7 +8,7 @@ import hashlib
 from redis import Redis
 
 from service.errors import RETRY_AFTER_S, ApiError
-from service.settings import Settings
+from worker.settings import Settings
 
 TERMINAL = {b"finished", b"failed", b"canceled", b"stopped"}
 PENDING = "pending"

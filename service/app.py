@@ -18,7 +18,7 @@ from models.errors import BundleError
 from service import errors, metrics
 from service.routes_jobs import router as jobs_router
 from service.routes_ops import router as ops_router
-from service.settings import Settings, get_settings
+from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 
 from service.errors import ApiError
-from service.settings import Settings
+from worker.settings import Settings
 
 ANONYMOUS = "anonymous"
 _bearer = HTTPBearer(auto_error=False, description="API key (when the service has keys configured)")

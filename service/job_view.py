@@ -13,7 +13,7 @@ from rq.serializers import JSONSerializer
 
 from service.errors import ApiError
 from service.schemas import JobInfo
-from service.settings import Settings
+from worker.settings import Settings
 from worker.storage import JOB_ID_RE, load_result
 
 STATE = {

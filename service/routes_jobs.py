@@ -17,8 +17,8 @@ from service.deps import Owner, RedisDep, SettingsDep
 from service.errors import ApiError, responses
 from service.job_view import fetch_owned, job_info, state_of
 from service.schemas import Canceled, JobAccepted, JobInfo
-from service.settings import Settings
 from worker.queueing import JOB_FUNCTION, cancel_key, make_queue
+from worker.settings import Settings
 from worker.storage import RESTORED_FORMATS, blob_store, discard_upload, stash_upload, upload_path
 from worker.video import VideoInfo, VideoLimits, VideoTooLarge, probe_video
 

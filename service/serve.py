@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.settings import get_settings
+    from worker.settings import get_settings
 
     settings = get_settings()
     embedded = None

@@ -192,8 +192,8 @@ class WorkerPool:
     def live(self) -> list[dict]:
         from redis import Redis
 
-        from service.settings import Settings
         from worker.rq_worker import live_workers
+        from worker.settings import Settings
 
         settings = Settings(redis_url=self.env["MOTIONGUARD_REDIS_URL"], key_prefix=self.env["MOTIONGUARD_KEY_PREFIX"])
         return live_workers(Redis.from_url(settings.redis_url), settings)
@@ -266,7 +266,7 @@ class LiveServer:
 
 
 def settings_from_env(env: dict[str, str], **overrides):
-    from service.settings import Settings
+    from worker.settings import Settings
 
     values = {k[len("MOTIONGUARD_") :].lower(): v for k, v in env.items() if k.startswith("MOTIONGUARD_")}
     values.update(overrides)

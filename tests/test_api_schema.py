@@ -40,7 +40,7 @@ KEY = {"Authorization": "Bearer key-alice"}
 def _openapi() -> dict:
     """The schema the app serves at /openapi.json (building it needs no Redis and no lifespan)."""
     from service.app import create_app
-    from service.settings import Settings
+    from worker.settings import Settings
 
     return create_app(Settings()).openapi()
 

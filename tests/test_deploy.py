@@ -131,7 +131,7 @@ def app_matcher():
         raise
     from starlette.routing import Match
 
-    from service.settings import Settings
+    from worker.settings import Settings
 
     app = create_app(Settings(redis_url="redis://127.0.0.1:6379/0"), run_recovery=False)
 
@@ -145,9 +145,9 @@ def app_matcher():
 
 def settings_fields() -> set[str]:
     try:
-        from service.settings import Settings
+        from worker.settings import Settings
     except ModuleNotFoundError:
-        pytest.skip("service/settings.py does not exist yet")
+        pytest.skip("worker/settings.py does not exist yet")
     return {name.upper() for name in Settings.model_fields}
 
 
@@ -246,7 +246,7 @@ def test_environment_names_are_settings_fields(compose):
         names |= {k for k in dockerfile_env(path) if k.startswith("MOTIONGUARD_")}
     assert names, "no MOTIONGUARD_ variable found"
     unknown = {n for n in names if n.removeprefix("MOTIONGUARD_") not in fields}
-    assert unknown == set(), f"not fields of service.settings.Settings: {unknown}"
+    assert unknown == set(), f"not fields of worker.settings.Settings: {unknown}"
 
 
 def test_healthcheck_urls_are_app_routes(compose):

@@ -365,7 +365,7 @@ def test_checkpoints_load_with_weights_only():
 def test_uploaded_filenames_are_never_read():
     """The upload parser reads the part's ``name`` only; no code under service/ or worker/ looks at
     the client's ``filename``, and stored uploads are named by the job id (validated hex)."""
-    from service.settings import Settings
+    from worker.settings import Settings
     from worker.storage import upload_path
 
     for path in [*ROOT.glob("service/*.py"), *ROOT.glob("worker/*.py")]:

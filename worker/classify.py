@@ -57,7 +57,7 @@ def format_human(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from models.errors import UserError
-    from service.settings import get_settings
+    from worker.settings import get_settings
     from worker.video import VideoLimits, encode_mp4, to_uint8
 
     settings = get_settings()

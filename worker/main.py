@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from redis import Redis
     from rq.serializers import JSONSerializer
 
-    from service.settings import get_settings
+    from worker.settings import get_settings
 
     settings = get_settings()
     updates = {k: v for k, v in {"device": args.device, "bundle_dir": args.bundle}.items() if v}

@@ -22,7 +22,7 @@ from typing import Any
 
 from redis import Redis
 
-from service.settings import Settings
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

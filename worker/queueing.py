@@ -6,7 +6,7 @@ from redis import Redis
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
-from service.settings import Settings
+from worker.settings import Settings
 
 # Enqueued by name: the API never imports the job function (it pulls in torch).
 JOB_FUNCTION = "worker.jobs.analyse_job"

@@ -21,9 +21,9 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.utils import parse_composite_key
 
-from service.settings import Settings
 from worker import metrics
 from worker.queueing import make_queue
+from worker.settings import Settings
 from worker.storage import discard_upload, upload_exists
 
 log = logging.getLogger(__name__)

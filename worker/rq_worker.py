@@ -22,7 +22,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
-from service.settings import Settings
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

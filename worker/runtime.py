@@ -12,7 +12,7 @@ from typing import Any
 
 from redis import Redis
 
-from service.settings import Settings, get_settings
+from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from redis import Redis
 
-from service.settings import Settings
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

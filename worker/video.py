@@ -36,7 +36,7 @@ class VideoTooShort(VideoError):
 
 @dataclass(frozen=True)
 class VideoLimits:
-    """Bounds applied to every input video (defaults match ``service.settings.Settings``)."""
+    """Bounds applied to every input video (defaults match ``worker.settings.Settings``)."""
 
     max_pixels: int = 1920 * 1088
     max_frames: int = 3000
