@@ -1,23 +1,30 @@
 """One video through a loaded bundle: decode -> clips -> purify -> classify -> a result dict.
 
-Shared by the RQ job and ``motionguard classify`` so the service and the command line can never
-disagree. The stages are run as separate calls (inference flow, purification, inference flow on the
-restored clip: exactly what ``Pipeline.predict`` does) so each one can be timed on its own.
+Shared by the RQ job, the batching worker and ``motionguard classify`` so they can never disagree.
+The analysis is three stages so that a worker can run the middle one over the clips of several
+jobs at once (``worker.batching``):
+
+1. ``prepare_video`` (per job): decode and cut into clips of the bundle's geometry;
+2. ``compute_clips`` (per batch of clips sharing one ``DefenceRequest``, from one job or many):
+   inference flow, purification, inference flow on the restored clip (exactly what
+   ``Pipeline.predict`` does, as separate calls so each stage is timed on its own);
+3. ``assemble_result`` (per job): that job's clip outputs -> the design's ``result``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.defense import purify
-from worker.video import VideoLimits, cut_clips, decode_video
+from models.defense import DefenseConfig, purify
+from worker.video import VideoInfo, VideoLimits, cut_clips, decode_video
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,241 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 2)
 
 
+@dataclass
+class PreparedVideo:
+    """Stage 1's output: a job's video decoded and cut into clips at the bundle's geometry."""
+
+    clips: np.ndarray  # (K, T, 3, H, W) float32 in [0, 1]
+    spans: list[tuple[int, int]]
+    info: VideoInfo
+    frames_decoded: int
+    truncated: bool
+    decode_s: float
+
+
+def prepare_video(path: str | Path, bundle, limits: VideoLimits | None = None, max_clips: int = 16) -> PreparedVideo:
+    """Decode (bounded by ``limits``) and cut; raises ``VideoError`` for input that cannot be used."""
+    t0 = time.perf_counter()
+    spec = bundle.meta.input
+    video = decode_video(
+        path, spec.height, spec.width, spec.resize, limits or VideoLimits(), max_frames=max_clips * spec.frames
+    )
+    cut = cut_clips(video.frames, spec.frames, max_clips)
+    return PreparedVideo(
+        clips=cut.clips,
+        spans=cut.spans,
+        info=video.info,
+        frames_decoded=int(video.frames.shape[0]),
+        truncated=bool(video.truncated or cut.truncated),
+        decode_s=time.perf_counter() - t0,
+    )
+
+
+@dataclass(frozen=True)
+class DefenceRequest:
+    """What clips must share to be computed in one batch: the defence settings actually used and
+    whether pictures are drawn. Hashable, so a batching worker groups clips by it."""
+
+    defended: bool
+    config: DefenseConfig
+    figures: bool = False
+
+
+def defence_request(
+    bundle,
+    *,
+    defend: bool = True,
+    steps: int | None = None,
+    epsilon: float | None = None,
+    multi: bool | None = None,
+    figures: bool = False,
+) -> DefenceRequest:
+    """A job's parameters resolved against the bundle's defaults."""
+    config = bundle.pipeline.defense.with_overrides(steps=steps, epsilon=epsilon, multi=multi)
+    defended = bool(defend and config.steps > 0)
+    return DefenceRequest(defended=defended, config=config, figures=bool(figures and defended))
+
+
+@dataclass
+class ClipOutput:
+    """Stage 2's output for one clip (numpy, on the CPU)."""
+
+    probs: np.ndarray  # (C,)
+    mc_before: float
+    mc_after: float
+    trajectory: np.ndarray  # (K + 1,) MC loss over the defence steps; (1,) when not defended
+    restored: np.ndarray  # (T, 3, H, W) float32
+    figures: dict[str, bytes] | None = None
+
+
+@dataclass
+class BatchTimings:
+    """Wall time of one ``compute_clips`` call, per stage (every clip of the batch shared it)."""
+
+    defense_s: float = 0.0
+    classify_s: float = 0.0
+    figures_s: float = 0.0
+    clips: int = 0
+
+
+def compute_clips(
+    bundle,
+    clips: np.ndarray,
+    request: DefenceRequest,
+    *,
+    figure_index: Sequence[int] | None = None,
+    check: Callable[[], None] | None = None,
+) -> tuple[list[ClipOutput], BatchTimings]:
+    """Classify (purifying first when ``request.defended``) a batch of clips (B, T, 3, H, W).
+
+    The clips may come from several jobs; each clip's outputs depend on that clip alone.
+    ``check()`` is called at every defence step (it raises to stop the batch: cancellation,
+    timeout). ``figure_index`` names each clip in its pictures (its index within its own job).
+    """
+    pipeline, config = bundle.pipeline, request.config
+    threshold = bundle.meta.calibration.threshold if bundle.meta.calibration is not None else None
+    timings = BatchTimings(clips=int(clips.shape[0]))
+    x = torch.from_numpy(np.ascontiguousarray(clips)).to(pipeline.device)
+    t0 = time.perf_counter()
+    before = pipeline.predict(x, defend=False, multi=config.multi, keep_flows=request.figures)
+    timings.classify_s += time.perf_counter() - t0
+    if request.defended:
+        t0 = time.perf_counter()
+        purified = purify(x, pipeline.flow_model, config, on_step=(lambda k, loss: check()) if check else None)
+        timings.defense_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        after = pipeline.predict(purified.restored, defend=False, multi=config.multi, keep_flows=request.figures)
+        timings.classify_s += time.perf_counter() - t0
+        trajectories = purified.trajectory.T.cpu().numpy()
+    else:
+        after = before
+        trajectories = before.mc_before[:, None].cpu().numpy()
+    probs = after.probs.cpu().numpy()
+    mc_before, mc_after = before.mc_before.cpu().numpy(), after.mc_before.cpu().numpy()
+    restored = after.restored.detach().cpu().numpy().astype(np.float32, copy=False)
+    outputs = [
+        ClipOutput(
+            probs=probs[j],
+            mc_before=float(mc_before[j]),
+            mc_after=float(mc_after[j]),
+            trajectory=trajectories[j],
+            restored=restored[j],
+        )
+        for j in range(x.shape[0])
+    ]
+    if request.figures:
+        from worker.figures import clip_figures
+
+        t0 = time.perf_counter()
+        for j, output in enumerate(outputs):
+            output.figures = clip_figures(
+                x[j],
+                before.flows_before[j],
+                after.flows_before[j],  # the restored clip's inference flow
+                output.trajectory,
+                threshold=threshold,
+                mc_before=output.mc_before,
+                mc_after=output.mc_after,
+                index=figure_index[j] if figure_index is not None else j,
+            )
+        timings.figures_s += time.perf_counter() - t0
+    return outputs, timings
+
+
+@dataclass
+class JobCompute:
+    """A job's share of stage 2: its clip outputs, and the batches they were computed in."""
+
+    outputs: list[ClipOutput | None]
+    defense_s: float = 0.0
+    classify_s: float = 0.0
+    figures_s: float = 0.0
+    batch_clips: int = 0  # clips of the largest batch this job's clips ran in
+    batch_jobs: set[str] = field(default_factory=set)  # ids of the jobs that shared those batches
+
+    @classmethod
+    def empty(cls, clips: int) -> JobCompute:
+        return cls(outputs=[None] * clips)
+
+    def add(self, index: int, output: ClipOutput) -> None:
+        self.outputs[index] = output
+
+    def add_batch(self, timings: BatchTimings, jobs: set[str]) -> None:
+        """Count a batch this job took part in (its wall time is this job's time too)."""
+        self.defense_s += timings.defense_s
+        self.classify_s += timings.classify_s
+        self.figures_s += timings.figures_s
+        self.batch_clips = max(self.batch_clips, timings.clips)
+        self.batch_jobs |= jobs
+
+    @property
+    def complete(self) -> bool:
+        return all(output is not None for output in self.outputs)
+
+
+def assemble_result(
+    bundle, video: PreparedVideo, request: DefenceRequest, compute: JobCompute, top_k: int, started: float
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Stage 3: the design's ``result`` (without ``restored_url``; ``timings_ms.encode`` is added by
+    the caller that encodes) and the restored frames, (K*T, 3, H, W) float32, clip after clip.
+    ``started`` is the ``time.perf_counter()`` at which this job's analysis began."""
+    meta, spec = bundle.meta, bundle.meta.input
+    threshold = meta.calibration.threshold if meta.calibration is not None else None
+    outputs = [o for o in compute.outputs if o is not None]
+    if len(outputs) != len(video.spans):
+        raise RuntimeError(f"{len(video.spans) - len(outputs)} clip(s) of the job were not computed")
+    probs_all = np.stack([o.probs for o in outputs])
+    clip_results = []
+    for i, ((start, end), output) in enumerate(zip(video.spans, outputs, strict=True)):
+        clip_results.append(
+            {
+                "index": i,
+                "start_frame": start,
+                "end_frame": end,
+                "labels": _top(output.probs, meta.labels, top_k),
+                "mc_loss_before": round(output.mc_before, 6),
+                "mc_loss_after": round(output.mc_after, 6),
+                "suspected_attack": bool(threshold is not None and output.mc_before > threshold),
+                "mc_trajectory": [round(float(v), 6) for v in output.trajectory],
+            }
+        )
+    frames = np.concatenate([o.restored for o in outputs]).reshape(-1, 3, spec.height, spec.width)
+    config = request.config
+    result = {
+        "model": {"name": meta.name, "version": meta.version},
+        "defended": request.defended,
+        "defense": {"steps": config.steps if request.defended else 0, "epsilon": config.epsilon, "multi": config.multi},
+        "labels": _top(probs_all.mean(axis=0), meta.labels, top_k),
+        "clips": clip_results,
+        "video": {
+            "width": video.info.width,
+            "height": video.info.height,
+            "fps": float(video.info.fps),
+            "codec": video.info.codec,
+            "frames_decoded": video.frames_decoded,
+            "truncated": video.truncated,
+            "restored_frames": int(frames.shape[0]),
+        },
+        "calibration_threshold": threshold,
+        "timings_ms": {
+            "decode": _ms(video.decode_s),
+            "defense": _ms(compute.defense_s),
+            "classify": _ms(compute.classify_s),
+            "encode": 0.0,
+            **({"figures": _ms(compute.figures_s)} if request.figures else {}),
+            "total": _ms(time.perf_counter() - started),
+        },
+        "batch": {"clips": compute.batch_clips, "jobs": max(1, len(compute.batch_jobs))},
+        "restored_url": None,
+    }
+    return result, frames
+
+
+def figures_of(compute: JobCompute) -> dict[int, dict[str, bytes]]:
+    """``{clip index: {"flow.png": PNG, "mc_loss.png": PNG}}`` of a defended job."""
+    return {i: o.figures for i, o in enumerate(compute.outputs) if o is not None and o.figures}
+
+
 def analyse_video(
     path: str | Path,
     bundle,
@@ -50,7 +292,8 @@ def analyse_video(
     should_stop: Callable[[], bool] | None = None,
     figures: dict[int, dict[str, bytes]] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Analyse a video file with a ``LoadedBundle``.
+    """Analyse one video file with a ``LoadedBundle``: the three stages, batches of ``batch_size``
+    clips of this video alone.
 
     Returns the design's ``result`` (without ``restored_url``; ``timings_ms.encode`` is added by the
     caller that encodes) and the restored frames, (K*T, 3, H, W) float32 in [0, 1], clip after clip.
@@ -58,106 +301,25 @@ def analyse_video(
     When a ``figures`` dict is given and the video is defended, it is filled with each clip's
     pictures (``worker.figures``): ``{clip index: {"flow.png": PNG, "mc_loss.png": PNG}}``.
     """
-    t_start = time.perf_counter()
-    limits = limits or VideoLimits()
-    meta, pipeline = bundle.meta, bundle.pipeline
-    spec = meta.input
+    started = time.perf_counter()
 
     def check() -> None:
         if should_stop is not None and should_stop():
             raise JobCanceled("the job was canceled")
 
-    video = decode_video(path, spec.height, spec.width, spec.resize, limits, max_frames=max_clips * spec.frames)
-    cut = cut_clips(video.frames, spec.frames, max_clips)
-    t_decoded = time.perf_counter()
-
-    config = pipeline.defense.with_overrides(steps=steps, epsilon=epsilon, multi=multi)
-    defended = bool(defend and config.steps > 0)
-    threshold = meta.calibration.threshold if meta.calibration is not None else None
-    probs, mc_before, mc_after, trajectories, restored = [], [], [], [], []
-    t_defense = t_classify = t_figures = 0.0
-    want_figures = figures is not None and defended
-    for first in range(0, len(cut.clips), batch_size):
+    video = prepare_video(path, bundle, limits, max_clips)
+    request = defence_request(
+        bundle, defend=defend, steps=steps, epsilon=epsilon, multi=multi, figures=figures is not None
+    )
+    compute = JobCompute.empty(len(video.spans))
+    for first in range(0, len(video.spans), batch_size):
         check()
-        clips = torch.from_numpy(cut.clips[first : first + batch_size]).to(pipeline.device)
-        t0 = time.perf_counter()
-        before = pipeline.predict(clips, defend=False, multi=config.multi, keep_flows=want_figures)
-        t_classify += time.perf_counter() - t0
-        if defended:
-            t0 = time.perf_counter()
-            purified = purify(clips, pipeline.flow_model, config, on_step=lambda k, loss: check())
-            t_defense += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            after = pipeline.predict(purified.restored, defend=False, multi=config.multi, keep_flows=want_figures)
-            t_classify += time.perf_counter() - t0
-            trajectories.append(purified.trajectory.T.cpu().numpy())
-            if want_figures:
-                from worker.figures import clip_figures
-
-                t0 = time.perf_counter()
-                for j in range(clips.shape[0]):
-                    figures[first + j] = clip_figures(
-                        clips[j],
-                        before.flows_before[j],
-                        after.flows_before[j],  # the restored clip's inference flow
-                        trajectories[-1][j],
-                        threshold=threshold,
-                        mc_before=float(before.mc_before[j]),
-                        mc_after=float(after.mc_before[j]),
-                        index=first + j,
-                    )
-                t_figures += time.perf_counter() - t0
-        else:
-            after = before
-            trajectories.append(before.mc_before[:, None].cpu().numpy())
-        probs.append(after.probs.cpu().numpy())
-        mc_before.append(before.mc_before.cpu().numpy())
-        mc_after.append(after.mc_before.cpu().numpy())
-        restored.append(after.restored.detach().cpu().numpy())
-
-    probs_all = np.concatenate(probs)
-    before_all, after_all = np.concatenate(mc_before), np.concatenate(mc_after)
-    traj_all = np.concatenate(trajectories)
-    clip_results = []
-    for i, (start, end) in enumerate(cut.spans):
-        clip_results.append(
-            {
-                "index": i,
-                "start_frame": start,
-                "end_frame": end,
-                "labels": _top(probs_all[i], meta.labels, top_k),
-                "mc_loss_before": round(float(before_all[i]), 6),
-                "mc_loss_after": round(float(after_all[i]), 6),
-                "suspected_attack": bool(threshold is not None and before_all[i] > threshold),
-                "mc_trajectory": [round(float(v), 6) for v in traj_all[i]],
-            }
-        )
-    frames = np.concatenate(restored).reshape(-1, 3, spec.height, spec.width).astype(np.float32)
-    t_end = time.perf_counter()
-    result = {
-        "model": {"name": meta.name, "version": meta.version},
-        "defended": defended,
-        "defense": {"steps": config.steps if defended else 0, "epsilon": config.epsilon, "multi": config.multi},
-        "labels": _top(probs_all.mean(axis=0), meta.labels, top_k),
-        "clips": clip_results,
-        "video": {
-            "width": video.info.width,
-            "height": video.info.height,
-            "fps": float(video.info.fps),
-            "codec": video.info.codec,
-            "frames_decoded": int(video.frames.shape[0]),
-            "truncated": bool(video.truncated or cut.truncated),
-            "restored_frames": int(frames.shape[0]),
-        },
-        "calibration_threshold": threshold,
-        "timings_ms": {
-            "decode": _ms(t_decoded - t_start),
-            "defense": _ms(t_defense),
-            "classify": _ms(t_classify),
-            "encode": 0.0,
-            **({"figures": _ms(t_figures)} if want_figures else {}),
-            "total": _ms(t_end - t_start),
-        },
-        "restored_url": None,
-    }
+        indices = list(range(first, min(first + batch_size, len(video.spans))))
+        outputs, timings = compute_clips(bundle, video.clips[indices], request, figure_index=indices, check=check)
+        for index, output in zip(indices, outputs, strict=True):
+            compute.add(index, output)
+        compute.add_batch(timings, set())
+    result, frames = assemble_result(bundle, video, request, compute, top_k, started)
+    if figures is not None:
+        figures.update(figures_of(compute))
     return result, frames
