@@ -67,6 +67,12 @@ def defense_config(meta: BundleMeta) -> DefenseConfig:
         similarity=d.similarity,
         multi=d.multi,
         flow_updates=meta.flow.updates_grad,
+        keep_best=d.keep_best,
+        schedule=d.schedule,
+        patience=d.patience,
+        stop_below=meta.stop_below(),
+        random_start=d.random_start,
+        restarts=d.restarts,
     )
 
 
@@ -90,7 +96,9 @@ def _verify_hashes(bundle_dir: Path, meta: BundleMeta) -> None:
 def build_models(meta: BundleMeta) -> tuple[VideoRAFT, torch.nn.Module]:
     """Randomly initialised models of the bundle's architecture."""
     flow = build_video_raft(meta.flow.arch, corr_levels=meta.flow.corr_levels, corr_radius=meta.flow.corr_radius)
-    classifier = build_i3d(meta.classifier.num_classes, width=meta.classifier.width)
+    classifier = build_i3d(
+        meta.classifier.num_classes, width=meta.classifier.width, temporal_pool=meta.classifier.temporal_pool
+    )
     return flow, classifier
 
 
@@ -111,6 +119,8 @@ def load_bundle(bundle_dir: str | Path | None = None, device: str | torch.device
         defense=defense_config(meta),
         flow_norm=meta.flow_normalisation,
         updates_infer=meta.flow.updates_infer,
+        threshold=meta.auto_threshold(),
+        default_mode=meta.defense.mode,
     ).to(device)
     log.info("loaded bundle %s v%s from %s on %s", meta.name, meta.version, bundle_dir, device)
     return LoadedBundle(path=bundle_dir, meta=meta, pipeline=pipeline)

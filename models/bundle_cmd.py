@@ -31,6 +31,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     create.add_argument(
         "--i3d-width", type=float, default=None, help="I3D width multiplier (default: inferred from the checkpoint)"
     )
+    create.add_argument(
+        "--temporal-pool",
+        choices=("port", "mean"),
+        default="port",
+        help="I3D head: 'port' = the PyTorch port's AvgPool3d([2,7,7]) then mean (what its checkpoints "
+        "were trained with), 'mean' = uniform average (motionguard's own training)",
+    )
+    create.add_argument("--flow-clamp", type=float, default=20.0, help="classifier input: flow clamped to +-this (px)")
+    create.add_argument("--flow-scale", type=float, default=20.0, help="classifier input: clamped flow / this")
+    create.add_argument(
+        "--flow-channel-order", choices=("xy", "yx"), default="xy", help="classifier channel 0 = horizontal (xy)"
+    )
+    create.add_argument("--updates-infer", type=int, default=12, help="RAFT updates for the final prediction")
+    create.add_argument("--updates-grad", type=int, default=2, help="RAFT updates where a gradient is taken")
     create.add_argument("--labels", type=Path, required=True, help="text file, one class name per line")
     create.add_argument("--frames", type=int, required=True, help="frames per clip")
     create.add_argument("--size", type=int, required=True, help="clip height = width in pixels")
@@ -72,7 +86,7 @@ def infer_i3d_width(state: dict) -> float | None:
 
 def _create(args: argparse.Namespace) -> Path:
     from models.bundle import create_bundle
-    from models.bundle_meta import BUNDLE_FILE, BundleMeta, ClassifierSpec, FlowSpec, InputSpec
+    from models.bundle_meta import BUNDLE_FILE, BundleMeta, ClassifierSpec, FlowNormalisation, FlowSpec, InputSpec
     from models.checkpoints import read_state_dict, strip_prefix
     from models.errors import BundleError, UserError
 
@@ -101,8 +115,15 @@ def _create(args: argparse.Namespace) -> Path:
                 format=args.raft_format,
                 corr_levels=args.corr_levels,
                 corr_radius=args.corr_radius,
+                updates_grad=args.updates_grad,
+                updates_infer=args.updates_infer,
             ),
-            classifier=ClassifierSpec(checkpoint="classifier.pth", width=width, num_classes=len(labels)),
+            classifier=ClassifierSpec(
+                checkpoint="classifier.pth", width=width, num_classes=len(labels), temporal_pool=args.temporal_pool
+            ),
+            flow_normalisation=FlowNormalisation(
+                clamp=args.flow_clamp, scale=args.flow_scale, channel_order=args.flow_channel_order
+            ),
             training={
                 "note": "created by motionguard bundle create from user checkpoints",
                 "sources": {"raft": str(args.raft), "i3d": str(args.i3d)},

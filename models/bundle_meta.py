@@ -47,6 +47,13 @@ class ClassifierSpec(_Strict):
     checkpoint: str
     width: float = Field(default=1.0, gt=0, le=1.0)
     num_classes: int = Field(ge=2)
+    temporal_pool: Literal["port", "mean"] = Field(
+        default="mean",
+        description="head before the logits (models/i3d.py): 'port' = the PyTorch I3D port's "
+        "AvgPool3d([2,7,7], stride 1) then the mean, 'mean' = uniform average. `bundle create` writes "
+        "'port' for imported checkpoints; the default keeps bundles written before the field existed "
+        "(all trained with 'mean') computing what they computed",
+    )
 
 
 class FlowNormalisation(_Strict):
@@ -58,6 +65,10 @@ class FlowNormalisation(_Strict):
 
 
 class DefenseSpec(_Strict):
+    """The purification's settings (``models.defense.DefenseConfig``; defaults: the paper's
+    Algorithm 1) and when it runs: ``mode`` is the default of ``defend`` (``always``, ``auto``:
+    only clips whose MC loss before the defence is above ``threshold``, or ``off``)."""
+
     steps: int = Field(default=20, ge=0)
     step_size: float = Field(default=2 / 255, gt=0)
     epsilon: float = Field(default=12 / 255, ge=0, le=1)
@@ -65,6 +76,19 @@ class DefenseSpec(_Strict):
     edge_lambda: float = Field(default=150.0, ge=0)
     similarity: Literal["l1", "l2", "ssim"] = "l1"
     multi: bool = False
+    mode: Literal["always", "auto", "off"] = Field(default="always", description="default of defend=")
+    threshold: float | None = Field(
+        default=None, gt=0, description="defend=auto purifies clips above this MC loss (None: the calibration's)"
+    )
+    keep_best: bool = Field(default=False, description="return each clip's lowest-MC-loss iterate")
+    schedule: Literal["constant", "plateau", "cosine"] = "constant"
+    patience: int = Field(default=2, ge=1, description="plateau schedule: steps without improvement before halving")
+    stop_quantile: str | None = Field(
+        default=None, description="stop a clip once its MC loss is under this calibration quantile (e.g. 'p50')"
+    )
+    random_start: float = Field(default=0.0, ge=0, le=1, description="x_0 uniform within this radius (<= epsilon)")
+    restarts: int = Field(default=1, ge=1, description="purifications from random starts, probabilities averaged")
+    evaluation: str | None = Field(default=None, description="the command whose table chose these settings")
 
 
 class Calibration(_Strict):
@@ -97,6 +121,28 @@ class BundleMeta(_Strict):
         if len(self.labels) != self.classifier.num_classes:
             raise ValueError(f"{len(self.labels)} labels but the classifier has {self.classifier.num_classes} classes")
         return self
+
+    @model_validator(mode="after")
+    def _defense_refers_to_calibration(self) -> BundleMeta:
+        stop = self.defense.stop_quantile
+        if stop is not None and (self.calibration is None or stop not in self.calibration.quantiles):
+            known = sorted(self.calibration.quantiles) if self.calibration else []
+            raise ValueError(f"defense.stop_quantile {stop!r} is not a calibration quantile (known: {known})")
+        return self
+
+    def auto_threshold(self, override: float | None = None) -> float | None:
+        """The MC loss above which ``defend=auto`` purifies: ``override`` (settings), else the
+        defence section's, else the calibration's threshold; None when the bundle has none."""
+        if override is not None:
+            return override
+        if self.defense.threshold is not None:
+            return self.defense.threshold
+        return self.calibration.threshold if self.calibration is not None else None
+
+    def stop_below(self) -> float | None:
+        """The early-stop target of the purification (``defense.stop_quantile`` of the calibration)."""
+        stop = self.defense.stop_quantile
+        return self.calibration.quantiles[stop] if stop is not None and self.calibration is not None else None
 
 
 def read_bundle_meta(bundle_dir: str | Path) -> BundleMeta:

@@ -66,8 +66,16 @@ class _Geometry:
     width: int
     scaled_height: int
     scaled_width: int
-    pad_bottom: int
-    pad_right: int
+    pad: tuple[int, int, int, int]  # (left, right, top, bottom), F.pad's order
+
+    @classmethod
+    def centred(cls, height: int, width: int, scaled_height: int, scaled_width: int) -> _Geometry:
+        """Pad to a multiple of 8 as the RAFT release's ``InputPadder`` (Sintel mode) does: centred,
+        the odd pixel at the bottom/right. Flow near the borders depends on where the padding goes,
+        so a checkpoint only reproduces its own evaluation numbers with its own padding."""
+        pad_h, pad_w = (-scaled_height) % 8, (-scaled_width) % 8
+        pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        return cls(height, width, scaled_height, scaled_width, pad)
 
     @property
     def resized(self) -> bool:
@@ -79,7 +87,8 @@ class VideoRAFT(nn.Module):
 
     Input clips are in [0, 1] with shape (B, T, 3, H, W); flows come back in pixels of the input,
     shape (B, P, 2, H, W), channel 0 horizontal. Inputs smaller than RAFT's minimum are resized up
-    (and the flow scaled back down); sizes not divisible by 8 are padded by edge replication.
+    (and the flow scaled back down); sizes not divisible by 8 are padded by edge replication,
+    centred like the RAFT release's ``InputPadder`` (Sintel mode), and the padding cut off again.
     """
 
     def __init__(self, raft: RAFT):
@@ -91,20 +100,21 @@ class VideoRAFT(nn.Module):
     def _geometry(self, height: int, width: int) -> _Geometry:
         scale = max(1.0, self.min_size / height, self.min_size / width)
         sh, sw = (math.ceil(height * scale), math.ceil(width * scale)) if scale > 1 else (height, width)
-        return _Geometry(height, width, sh, sw, (-sh) % 8, (-sw) % 8)
+        return _Geometry.centred(height, width, sh, sw)
 
     def _prepare(self, frames: Tensor, geo: _Geometry) -> Tensor:
         """[0,1] frames (N,3,H,W) -> RAFT's [-1,1] input at a size it accepts."""
         x = frames * 2.0 - 1.0
         if geo.resized:
             x = F.interpolate(x, size=(geo.scaled_height, geo.scaled_width), mode="bilinear", align_corners=False)
-        if geo.pad_bottom or geo.pad_right:
-            x = F.pad(x, (0, geo.pad_right, 0, geo.pad_bottom), mode="replicate")
+        if any(geo.pad):
+            x = F.pad(x, geo.pad, mode="replicate")
         return x
 
     @staticmethod
     def _restore(flow: Tensor, geo: _Geometry) -> Tensor:
-        flow = flow[..., : geo.scaled_height, : geo.scaled_width]
+        left, _, top, _ = geo.pad
+        flow = flow[..., top : top + geo.scaled_height, left : left + geo.scaled_width]
         if geo.resized:
             flow = F.interpolate(flow, size=(geo.height, geo.width), mode="bilinear", align_corners=False)
             factor = flow.new_tensor([geo.width / geo.scaled_width, geo.height / geo.scaled_height])

@@ -3,15 +3,27 @@
 Parameter names follow the widely used PyTorch port (``Conv3d_1a_7x7.conv3d.weight``,
 ``Mixed_3b.b0.conv3d.weight``, ..., ``logits.conv3d.weight``) so its flow-stream checkpoints load
 as they are. Padding is TensorFlow's "SAME" (computed per input size, as in the original), batch
-norm uses eps 1e-3. Two changes from the port, both for small inputs: a ``width`` multiplier for
-small models, and final pooling that averages whatever spatial extent is left (the port's fixed
-7x7 window only fits 224-pixel inputs), then logits per time step averaged over time.
+norm uses eps 1e-3. A ``width`` multiplier makes small models (the demo's).
+
+The head before the logits is selectable (``temporal_pool``, recorded in the bundle), because a
+checkpoint only computes what it computed when trained if its head is kept:
+
+- ``"port"``: the port's (and the original Kinetics I3D's) ``AvgPool3d([2, 7, 7], stride 1)``
+  before the logits, then the mean over the remaining positions. Over time this weights the
+  last block's T' steps 1, 2, ..., 2, 1 (/ 2(T'-1)); at 224 px the 7x7 window covers the 7x7 map
+  exactly, so the logits equal the port's. Where the port itself cannot run, the window is clipped
+  to the map: below 224 px (map smaller than 7x7) it averages the whole map, and with T' = 1 (fewer
+  than 9 input frames) it takes the one step. Above 224 px the port would return one logit vector
+  per window position; this averages them (the same weights as the port's logits averaged).
+- ``"mean"``: uniform average over space, logits per time step averaged uniformly over time (what
+  the demo bundle was trained with).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -114,16 +126,31 @@ _POOLS = {
     "MaxPool3d_4a_3x3": ((3, 3, 3), (2, 2, 2)),
     "MaxPool3d_5a_2x2": ((2, 2, 2), (2, 2, 2)),
 }
+TEMPORAL_POOLS = ("port", "mean")
+TemporalPool = Literal["port", "mean"]
+# The port's pooling window before the logits (time, height, width), stride 1.
+PORT_POOL_KERNEL = (2, 7, 7)
 
 
 class InceptionI3d(nn.Module):
     """I3D on a (B, in_channels, T, H, W) input -> clip logits (B, num_classes)."""
 
-    def __init__(self, num_classes: int, *, in_channels: int = 2, width: float = 1.0, dropout: float = 0.5):
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        in_channels: int = 2,
+        width: float = 1.0,
+        dropout: float = 0.5,
+        temporal_pool: TemporalPool = "mean",
+    ):
         super().__init__()
         if not 0 < width <= 1:
             raise ValueError(f"width multiplier must be in (0, 1], got {width}")
+        if temporal_pool not in TEMPORAL_POOLS:
+            raise ValueError(f"temporal_pool must be one of {TEMPORAL_POOLS}, got {temporal_pool!r}")
         self.width = width
+        self.temporal_pool = temporal_pool
 
         def w(c: int) -> int:
             return max(1, int(round(c * width)))
@@ -175,14 +202,23 @@ class InceptionI3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 5:
             raise ValueError(f"expected (B, C, T, H, W), got {tuple(x.shape)}")
-        x = self.features(x)
-        x = x.mean(dim=(3, 4), keepdim=True)  # spatial average: any input size from 64 to 224+
-        logits = self.logits(self.dropout(x))  # (B, classes, T', 1, 1)
+        return self.head(self.features(x))
+
+    def head(self, features: Tensor) -> Tensor:
+        """Clip logits (B, classes) from the last block's features (B, C, T', H', W')."""
+        if self.temporal_pool == "port":
+            kernel = tuple(min(k, n) for k, n in zip(PORT_POOL_KERNEL, features.shape[2:], strict=True))
+            x = F.avg_pool3d(features, kernel, stride=1)
+        else:
+            x = features.mean(dim=(3, 4), keepdim=True)  # spatial average: any input size from 64 to 224+
+        logits = self.logits(self.dropout(x))  # (B, classes, T'', H'', W'')
         return logits.flatten(2).mean(dim=2)
 
 
-def build_i3d(num_classes: int, *, width: float = 1.0, in_channels: int = 2) -> InceptionI3d:
-    return InceptionI3d(num_classes, in_channels=in_channels, width=width)
+def build_i3d(
+    num_classes: int, *, width: float = 1.0, in_channels: int = 2, temporal_pool: TemporalPool = "mean"
+) -> InceptionI3d:
+    return InceptionI3d(num_classes, in_channels=in_channels, width=width, temporal_pool=temporal_pool)
 
 
 def flow_to_classifier_input(flows: Tensor, norm: FlowNormalisation | None = None) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.flow import DIRECTIONS, build_video_raft, pair_indices, pairwise_flows
 
@@ -42,6 +43,44 @@ def test_odd_and_small_sizes_are_padded_or_resized(height, width):
         flows = model(clip, num_flow_updates=2)
     assert flows["forward"].shape == (1, 2, 2, height, width)
     assert torch.isfinite(flows["forward"]).all()
+
+
+class _InputPadder:
+    """The RAFT release's ``core/utils/utils.py`` ``InputPadder`` (Sintel mode), from its definition."""
+
+    def __init__(self, dims):
+        self.ht, self.wd = dims[-2:]
+        pad_ht = (((self.ht // 8) + 1) * 8 - self.ht) % 8
+        pad_wd = (((self.wd // 8) + 1) * 8 - self.wd) % 8
+        self._pad = [pad_wd // 2, pad_wd - pad_wd // 2, pad_ht // 2, pad_ht - pad_ht // 2]
+
+    def pad(self, *inputs):
+        return [F.pad(x, self._pad, mode="replicate") for x in inputs]
+
+    def unpad(self, x):
+        ht, wd = x.shape[-2:]
+        c = [self._pad[2], ht - self._pad[3], self._pad[0], wd - self._pad[1]]
+        return x[..., c[0] : c[1], c[2] : c[3]]
+
+
+@pytest.mark.parametrize(("height", "width"), [(132, 148), (131, 149)])
+def test_sizes_not_multiple_of_8_are_padded_as_the_raft_release_pads(height, width):
+    """The release's evaluation: images in [0, 255] padded by InputPadder, normalised inside RAFT
+    (2 * x / 255 - 1), flow unpadded. The bottom/right padding used before differs near borders."""
+    torch.manual_seed(0)
+    model = build_video_raft("raft_small").eval()
+    clip = torch.rand(1, 3, 3, height, width)
+    images = clip[0] * 255
+    padder = _InputPadder(images.shape)
+    with torch.no_grad():
+        ours = model(clip, num_flow_updates=4)["forward"][0]
+        image1, image2 = padder.pad(images[:-1], images[1:])
+        reference = padder.unpad(model.raft(2 * image1 / 255 - 1, 2 * image2 / 255 - 1, num_flow_updates=4)[-1])
+        pad_h, pad_w = (-height) % 8, (-width) % 8
+        corner = F.pad(2 * images / 255 - 1, (0, pad_w, 0, pad_h), mode="replicate")
+        corner = model.raft(corner[:-1], corner[1:], num_flow_updates=4)[-1][..., :height, :width]
+    assert (ours - reference).abs().max().item() <= 1e-4
+    assert (corner - reference).abs().max().item() > 1e-2  # the old padding: a different flow
 
 
 def test_resized_flow_is_mapped_back_to_input_pixels():

@@ -62,3 +62,58 @@ def test_flow_to_classifier_input():
     assert torch.allclose(x[:, 1], torch.full((1, 3, 4, 4), -0.5))
     swapped = flow_to_classifier_input(flows, FlowNormalisation(channel_order="yx"))
     assert torch.allclose(swapped[:, 0], torch.full((1, 3, 4, 4), -0.5))
+
+
+def _port_clip_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """The PyTorch I3D port's head, written out from its definition (piergiaj/pytorch-i3d
+    ``InceptionI3d``: ``avg_pool = nn.AvgPool3d(kernel_size=[2, 7, 7], stride=(1, 1, 1))``, then
+    ``logits(dropout(avg_pool(x)))``, spatial squeeze), then the mean over time that clip-level
+    Kinetics evaluation takes (the original TF I3D's ``reduce_mean(logits, axis=1)``)."""
+    pooled = torch.nn.AvgPool3d(kernel_size=[2, 7, 7], stride=(1, 1, 1))(model.features(x))
+    per_step = model.logits(model.dropout(pooled)).squeeze(3).squeeze(3)  # (B, classes, T)
+    return per_step.mean(2)
+
+
+@pytest.mark.parametrize("frames", [16, 24, 64])
+def test_port_pooling_gives_the_ports_logits_at_224(frames):
+    """With random weights, a checkpoint loaded with temporal_pool='port' gives the port's clip
+    logits; the uniform mean ('mean', the only head before) differs wherever the last block has
+    more than 2 time steps (24 and 64 frames)."""
+    torch.manual_seed(frames)
+    model = build_i3d(5, width=0.125, temporal_pool="port").eval()
+    torch.nn.init.normal_(model.logits.conv3d.weight, std=1.0)  # logits of a visible size
+    x = torch.randn(1, 2, frames, 224, 224)
+    with torch.no_grad():
+        features = model.features(x)
+        ours, reference = model.head(features), _port_clip_logits(model, x)
+        model.temporal_pool = "mean"
+        uniform = model.head(features)
+    assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
+    if features.shape[2] > 2:
+        assert (uniform - reference).abs().max() > 1e-3 * reference.abs().max()
+
+
+def test_port_pooling_weights_time_steps_one_two_two_one():
+    """At T' = 4 the port weights the steps 1, 2, 2, 1 (/6); the window is clipped to small maps
+    (below 224 px the port itself cannot run: the whole map is averaged) and to T' = 1."""
+    model = build_i3d(3, width=0.125, temporal_pool="port").eval()
+    features = torch.randn(2, model.feature_channels, 4, 2, 2)
+    weights = torch.tensor([1.0, 2.0, 2.0, 1.0]) / 6
+    pooled = (features.mean(dim=(3, 4)) * weights).sum(2)[..., None, None, None]
+    with torch.no_grad():
+        expected = model.logits(pooled).flatten(1)
+        assert torch.allclose(model.head(features), expected, atol=1e-6)
+        one_step = features[:, :, :1]
+        assert torch.allclose(model.head(one_step), model.logits(one_step.mean((3, 4), keepdim=True)).flatten(1))
+        assert model(torch.randn(1, 2, 8, 64, 64)).shape == (1, 3)
+
+
+def test_mean_pooling_is_the_uniform_average():
+    model = build_i3d(3, width=0.125).eval()
+    assert model.temporal_pool == "mean"
+    features = torch.randn(2, model.feature_channels, 4, 3, 3)
+    with torch.no_grad():
+        expected = model.logits(features.mean(dim=(2, 3, 4), keepdim=True)).flatten(1)
+        assert torch.allclose(model.head(features), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="temporal_pool"):
+        build_i3d(3, temporal_pool="max")
