@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.bundle_action == "test":
         from models.errors import UserError
-        from models.train import evaluate_split
+        from models.split_eval import evaluate_split
 
         if not 0 < args.n or not 0 <= args.defended_n <= args.n:
             raise UserError("need 0 < --n and 0 <= --defended-n <= --n")

@@ -102,7 +102,7 @@ def _record_command(run_dir: Path, stage: str, command: str, device: str) -> Non
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from models import train
+    from models import demo_bundle, train_i3d, train_raft
 
     torch.set_num_threads(args.threads)
     command = "motionguard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
         "loader_workers": args.loader_workers,
     }
     if "raft" in stages:
-        summary = train.train_raft(
-            train.RaftTrainConfig(
+        summary = train_raft.train_raft(
+            train_raft.RaftTrainConfig(
                 max_steps=args.raft_steps,
                 max_minutes=args.raft_minutes,
                 batch_size=args.raft_batch,
@@ -131,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
         _record_command(args.run_dir, "raft", command, args.device)
         log.info("RAFT stage done: %s", summary)
     if "i3d" in stages:
-        summary = train.train_i3d(
-            train.I3DTrainConfig(
+        summary = train_i3d.train_i3d(
+            train_i3d.I3DTrainConfig(
                 epochs=args.i3d_epochs,
                 max_minutes=args.i3d_minutes,
                 width=args.i3d_width,
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         _record_command(args.run_dir, "i3d", command, args.device)
         log.info("I3D stage done: %s", summary)
     if "bundle" in stages:
-        out = train.bundle_demo(
+        out = demo_bundle.bundle_demo(
             args.run_dir,
             args.out,
             name=args.name,

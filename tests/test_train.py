@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import train
+from models import demo_bundle, train_common, train_i3d, train_raft
 from models.data import CLASSES, make_clip
 from models.errors import UserError
 
@@ -20,77 +20,79 @@ def raft_run(tmp_path_factory) -> Path:
     """A 2-step RAFT run (tiny batch, 3-frame clips): shared by the tests that need a trained RAFT."""
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = train.RaftTrainConfig(run_dir=run_dir, max_steps=2, batch_size=2, frames=3, eval_clips=1, checkpoint_every=1)
-    summary = train.train_raft(cfg)
+    cfg = train_raft.RaftTrainConfig(
+        run_dir=run_dir, max_steps=2, batch_size=2, frames=3, eval_clips=1, checkpoint_every=1
+    )
+    summary = train_raft.train_raft(cfg)
     assert summary["steps"] == 2
     return run_dir
 
 
 def test_one_cycle_schedule():
-    assert train.one_cycle_lr(1.0, 0.0) == pytest.approx(0.1)
-    assert train.one_cycle_lr(1.0, 0.05) == pytest.approx(1.0)
-    assert train.one_cycle_lr(1.0, 1.0) == pytest.approx(0.05)
-    assert train.one_cycle_lr(1.0, 0.5) > train.one_cycle_lr(1.0, 0.9)
+    assert train_common.one_cycle_lr(1.0, 0.0) == pytest.approx(0.1)
+    assert train_common.one_cycle_lr(1.0, 0.05) == pytest.approx(1.0)
+    assert train_common.one_cycle_lr(1.0, 1.0) == pytest.approx(0.05)
+    assert train_common.one_cycle_lr(1.0, 0.5) > train_common.one_cycle_lr(1.0, 0.9)
 
 
 def test_sequence_loss_weights_later_iterates_more():
     target = torch.zeros(1, 2, 4, 4)
     early_bad = [torch.ones_like(target), torch.zeros_like(target)]
     late_bad = [torch.zeros_like(target), torch.ones_like(target)]
-    assert train.sequence_loss(early_bad, target, 0.8) == pytest.approx(0.8)
-    assert train.sequence_loss(late_bad, target, 0.8) == pytest.approx(1.0)
+    assert train_raft.sequence_loss(early_bad, target, 0.8) == pytest.approx(0.8)
+    assert train_raft.sequence_loss(late_bad, target, 0.8) == pytest.approx(1.0)
 
 
 def test_raft_training_checkpoints_and_resumes(raft_run: Path):
-    state = torch.load(raft_run / train.RAFT_CKPT, map_location="cpu", weights_only=False)
+    state = torch.load(raft_run / train_raft.RAFT_CKPT, map_location="cpu", weights_only=False)
     assert state["state"]["step"] == 2 and "optimizer" in state
-    final = torch.load(raft_run / train.RAFT_FINAL, map_location="cpu", weights_only=True)
+    final = torch.load(raft_run / train_raft.RAFT_FINAL, map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in final.values())  # a bare torchvision state dict
     summary = json.loads((raft_run / "raft_summary.json").read_text())
     assert summary["val_epe_before"] > 0 and summary["val_epe_after"] > 0
 
     # Re-running with a larger budget continues from step 2 instead of starting over.
-    cfg = train.RaftTrainConfig(run_dir=raft_run, max_steps=3, batch_size=2, frames=3, eval_clips=1)
-    assert train.train_raft(cfg)["steps"] == 3
-    resumed = torch.load(raft_run / train.RAFT_CKPT, map_location="cpu", weights_only=False)
+    cfg = train_raft.RaftTrainConfig(run_dir=raft_run, max_steps=3, batch_size=2, frames=3, eval_clips=1)
+    assert train_raft.train_raft(cfg)["steps"] == 3
+    resumed = torch.load(raft_run / train_raft.RAFT_CKPT, map_location="cpu", weights_only=False)
     assert resumed["state"]["step"] == 3
     assert resumed["state"]["epe_before"] == state["state"]["epe_before"]  # measured once, kept
 
 
 def test_pair_batches_are_a_function_of_the_step(tmp_path: Path):
-    cfg = train.RaftTrainConfig(run_dir=tmp_path, batch_size=2, frames=3)
-    a, b = train._pair_batch(5, cfg), train._pair_batch(5, cfg)
+    cfg = train_raft.RaftTrainConfig(run_dir=tmp_path, batch_size=2, frames=3)
+    a, b = train_raft._pair_batch(5, cfg), train_raft._pair_batch(5, cfg)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert not torch.equal(a[0], train._pair_batch(6, cfg)[0])
+    assert not torch.equal(a[0], train_raft._pair_batch(6, cfg)[0])
 
 
 def test_loader_workers_render_the_same_stream(tmp_path: Path):
     """Batches rendered ahead by worker processes are the in-process stream, in order: a GPU run
     with --loader-workers trains on exactly the data a CPU run would."""
-    cfg = train.RaftTrainConfig(run_dir=tmp_path, batch_size=2, frames=3, max_steps=7)
-    ahead = list(train._loader(train._PairBatches(cfg, first_step=4), workers=2))
+    cfg = train_raft.RaftTrainConfig(run_dir=tmp_path, batch_size=2, frames=3, max_steps=7)
+    ahead = list(train_common.ordered_loader(train_raft._PairBatches(cfg, first_step=4), workers=2))
     assert len(ahead) == 3
     for step, batch in zip(range(4, 7), ahead, strict=True):
-        assert all(torch.equal(x, y) for x, y in zip(batch, train._pair_batch(step, cfg), strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(batch, train_raft._pair_batch(step, cfg), strict=True))
 
 
 def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path: Path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="CUDA is not available"):
-        train.train_raft(train.RaftTrainConfig(run_dir=tmp_path, max_steps=1, device="cuda"))
+        train_raft.train_raft(train_raft.RaftTrainConfig(run_dir=tmp_path, max_steps=1, device="cuda"))
 
 
 def test_flip_flows_maps_labels():
     _, flows = make_clip(3, CLASSES.index("translate_right"))
     labels = torch.tensor([CLASSES.index("translate_right")])
     yes, no = torch.tensor([True]), torch.tensor([False])
-    mirrored, new = train.flip_flows(flows.unsqueeze(0), labels, yes, no)
+    mirrored, new = train_i3d.flip_flows(flows.unsqueeze(0), labels, yes, no)
     assert CLASSES[int(new)] == "translate_left"
     assert float(mirrored[..., 0, :, :].sum()) == pytest.approx(-float(flows[:, 0].sum()), rel=1e-5)
-    _, vert = train.flip_flows(flows.unsqueeze(0), torch.tensor([CLASSES.index("rotate_cw")]), no, yes)
+    _, vert = train_i3d.flip_flows(flows.unsqueeze(0), torch.tensor([CLASSES.index("rotate_cw")]), no, yes)
     assert CLASSES[int(vert)] == "rotate_ccw"
-    _, same = train.flip_flows(flows.unsqueeze(0), torch.tensor([CLASSES.index("zoom_in")]), yes, yes)
+    _, same = train_i3d.flip_flows(flows.unsqueeze(0), torch.tensor([CLASSES.index("zoom_in")]), yes, yes)
     assert CLASSES[int(same)] == "zoom_in"
 
 
@@ -113,8 +115,8 @@ def test_i3d_loss_decreases_on_a_tiny_batch():
     assert losses[-1] < losses[0]
 
 
-def _i3d_cfg(run_dir: Path, epochs: int) -> train.I3DTrainConfig:
-    return train.I3DTrainConfig(
+def _i3d_cfg(run_dir: Path, epochs: int) -> train_i3d.I3DTrainConfig:
+    return train_i3d.I3DTrainConfig(
         run_dir=run_dir,
         epochs=epochs,
         width=0.125,
@@ -130,11 +132,11 @@ def _i3d_cfg(run_dir: Path, epochs: int) -> train.I3DTrainConfig:
 
 
 def test_i3d_training_caches_flows_checkpoints_and_resumes(raft_run: Path):
-    summary = train.train_i3d(_i3d_cfg(raft_run, 1))
+    summary = train_i3d.train_i3d(_i3d_cfg(raft_run, 1))
     assert summary["epochs"] == 1 and 0.0 <= summary["val_acc"] <= 1.0
-    assert (raft_run / train.I3D_FINAL).is_file()
+    assert (raft_run / train_i3d.I3D_FINAL).is_file()
     assert sorted(p.name.split("_")[1] for p in (raft_run / "flows").glob("train_*.pt")) == ["clean", "noisy"]
-    summary = train.train_i3d(_i3d_cfg(raft_run, 2))
+    summary = train_i3d.train_i3d(_i3d_cfg(raft_run, 2))
     assert summary["epochs"] == 2 and len(summary["history"]) == 2
 
 
@@ -143,10 +145,10 @@ def test_defended_flows_are_the_purified_clips_flows(raft_run: Path, tmp_path: P
     as running purify then RAFT by hand, and not the clean clip's flow."""
     from models.defense import DefenseConfig, purify
 
-    cfg = train.I3DTrainConfig(run_dir=tmp_path, frames=3, chunk=2, flow_batch=1, flow_updates=2, loader_workers=1)
-    video_raft = train.load_trained_raft(raft_run)
-    flows, labels = train.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="defended", cfg=cfg)
-    clean, _ = train.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="clean", cfg=cfg)
+    cfg = train_i3d.I3DTrainConfig(run_dir=tmp_path, frames=3, chunk=2, flow_batch=1, flow_updates=2, loader_workers=1)
+    video_raft = train_i3d.load_trained_raft(raft_run)
+    flows, labels = train_i3d.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="defended", cfg=cfg)
+    clean, _ = train_i3d.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="clean", cfg=cfg)
     clips = torch.stack([make_clip(i, i % len(CLASSES), frames=3)[0] for i in range(2)])
     with torch.no_grad():
         expected = video_raft(purify(clips, video_raft, DefenseConfig()).restored, num_flow_updates=2)["forward"]
@@ -154,14 +156,14 @@ def test_defended_flows_are_the_purified_clips_flows(raft_run: Path, tmp_path: P
     assert torch.allclose(flows.float(), expected, atol=1e-2)
     assert not torch.allclose(flows, clean)
     with pytest.raises(ValueError, match="kind"):
-        train.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="attacked", cfg=cfg)
+        train_i3d.cache_flows(video_raft, tmp_path, "train", 0, 2, kind="attacked", cfg=cfg)
 
 
 def test_bundle_demo_calibrates_and_records_training(raft_run: Path, tmp_path: Path):
     from models.bundle import load_bundle
 
-    train.train_i3d(_i3d_cfg(raft_run, 1))
-    out = train.bundle_demo(
+    train_i3d.train_i3d(_i3d_cfg(raft_run, 1))
+    out = demo_bundle.bundle_demo(
         raft_run, tmp_path / "b", frames=3, width=0.125, command="test", calib_clips=2, test_clips=2
     )
     bundle = load_bundle(out)
