@@ -51,6 +51,9 @@ class JobResult(BaseModel):
     video: dict = Field(default_factory=dict, description="source size, fps, decoded and restored frame counts")
     calibration_threshold: float | None = None
     timings_ms: dict[str, float] = Field(description="queue, decode, defense, classify, encode, total")
+    batch: dict[str, int] = Field(
+        default_factory=dict, description="clips and jobs of the largest batch this job's clips were computed in"
+    )
     restored_url: str | None
     restored_formats: list[str] = Field(default_factory=list)
 

@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT: warm shutdown (the running job finishes, then the process exits); a second
 signal is a cold shutdown. Heartbeats let the others requeue or fail this worker's job within
-seconds if it is killed outright.
+seconds if it is killed outright. ``--max-batch-clips N`` (> 1) makes it a batching worker
+(``worker.batching``): the clips of several queued jobs are purified as one batch.
 """
 
 from __future__ import annotations
@@ -22,21 +23,48 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--bundle", default=None, help="bundle directory (default: MOTIONGUARD_BUNDLE_DIR)")
     parser.add_argument("--name", default=None, help="worker name (default: host.pid.random)")
+    parser.add_argument(
+        "--max-batch-clips",
+        type=int,
+        default=None,
+        metavar="N",
+        help="purify the clips of several queued jobs as one batch of up to N clips "
+        "(default: MOTIONGUARD_MAX_BATCH_CLIPS or 1, one job at a time)",
+    )
+    parser.add_argument(
+        "--max-batch-delay-ms",
+        type=float,
+        default=None,
+        metavar="D",
+        help="wait at most D ms for more jobs to fill a batch (default: MOTIONGUARD_MAX_BATCH_DELAY_MS or 10)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from redis import Redis
     from rq.serializers import JSONSerializer
 
+    from models.errors import UserError
     from worker.settings import get_settings
 
     settings = get_settings()
-    updates = {k: v for k, v in {"device": args.device, "bundle_dir": args.bundle}.items() if v}
+    if args.max_batch_clips is not None and args.max_batch_clips < 1:
+        raise UserError("--max-batch-clips must be at least 1")
+    if args.max_batch_delay_ms is not None and args.max_batch_delay_ms < 0:
+        raise UserError("--max-batch-delay-ms must be >= 0")
+    updates = {
+        k: v
+        for k, v in {
+            "device": args.device,
+            "bundle_dir": args.bundle,
+            "max_batch_clips": args.max_batch_clips,
+            "max_batch_delay_ms": args.max_batch_delay_ms,
+        }.items()
+        if v is not None
+    }
     if updates:
         settings = settings.model_copy(update=updates)
     if not settings.redis_url:
-        from models.errors import UserError
-
         raise UserError("MOTIONGUARD_REDIS_URL is not set: a worker needs the service's Redis")
 
     import torch
@@ -65,7 +93,14 @@ def run(args: argparse.Namespace) -> int:
     recovery = RecoveryThread(connection, settings)
     liveness.start()
     recovery.start()
-    log.info("worker %s serving %s on %s", name, ", ".join(q.name for q in queues), settings.device)
+    log.info(
+        "worker %s serving %s on %s, batches of up to %d clip(s) (delay %.0f ms)",
+        name,
+        ", ".join(q.name for q in queues),
+        settings.device,
+        settings.max_batch_clips,
+        settings.max_batch_delay_ms,
+    )
     try:
         worker.work(burst=args.burst, with_scheduler=False, logging_level=logging.getLevelName(log.getEffectiveLevel()))
     finally:

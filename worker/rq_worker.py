@@ -6,6 +6,9 @@ job timeout, which is how a killed worker's job ends up stuck in ``started``. He
 the worker key, the execution and the registry entry every ``heartbeat_interval_s`` with a TTL of
 ``heartbeat_ttl_s``, so a vanished worker is detected within seconds (``worker.recovery``). A second
 thread publishes a liveness key with the bundle it serves, read by the API's ``/readyz``.
+
+With ``max_batch_clips`` > 1 a job of ``worker.jobs.analyse_job`` is run by ``worker.batching``
+together with further queued jobs; the heartbeat thread then beats every job of the batch.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import time
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
+from worker.queueing import JOB_FUNCTION
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,21 +59,50 @@ class ModelWorker(SimpleWorker):
             except REDIS_DOWN:
                 time.sleep(0.5)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._beats: dict[str, tuple[Job, Execution]] = {}  # execution id -> the job it runs
+        self._beats_lock = threading.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        """A warm or cold shutdown was requested: finish what runs, take nothing more."""
+        return bool(self._stop_requested or self._shutdown_requested_date is not None)
+
+    def track(self, job: Job, execution: Execution) -> None:
+        """Heartbeat this job's execution until ``untrack`` (every job of a batch has its own)."""
+        with self._beats_lock:
+            self._beats[execution.id] = (job, execution)
+
+    def untrack(self, execution: Execution) -> None:
+        with self._beats_lock:
+            self._beats.pop(execution.id, None)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
+        batched = self.settings.max_batch_clips > 1 and job.func_name == JOB_FUNCTION
+        execution = None if batched else self.prepare_execution(job)
         stop = threading.Event()
-        beat = threading.Thread(target=self._job_heartbeat, args=(job, execution, stop), daemon=True)
+        beat = threading.Thread(target=self._job_heartbeat, args=(stop,), daemon=True)
         beat.start()
         try:
-            self.perform_job(job, queue, execution)
+            if batched:
+                from worker.batching import BatchRun
+
+                BatchRun(self, job, queue).run()
+            else:
+                self.track(job, execution)
+                self.perform_job(job, queue, execution)
         except REDIS_DOWN:
-            # The job's outcome could not be recorded: its heartbeat stops, so once Redis is back the
-            # recovery scan requeues it (bounded by max_retries) or fails it with a reason.
-            stop.set()
+            # The jobs' outcomes could not be recorded: their heartbeats stop, so once Redis is back
+            # the recovery scan requeues them (bounded by max_retries) or fails them with a reason.
+            with self._beats_lock:
+                self._beats.clear()
             self.wait_for_redis(f"recording job {job.id}")
         finally:
             stop.set()
             beat.join()
+            with self._beats_lock:
+                self._beats.clear()
         try:
             self.set_state(WorkerStatus.IDLE)
         except REDIS_DOWN:
@@ -94,12 +128,15 @@ class ModelWorker(SimpleWorker):
                 raise
             self.wait_for_redis("worker heartbeat")
 
-    def _job_heartbeat(self, job: Job, execution, stop: threading.Event) -> None:
+    def _job_heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.heartbeat_interval_s):
-            try:
-                self.maintain_heartbeats(job, execution)
-            except Exception:  # noqa: BLE001 - a missed beat is retried; recovery waits heartbeat_ttl_s
-                log.debug("job heartbeat failed", exc_info=True)
+            with self._beats_lock:
+                running = list(self._beats.values())
+            for job, execution in running:
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception:  # noqa: BLE001 - a missed beat is retried; recovery waits heartbeat_ttl_s
+                    log.debug("job heartbeat failed", exc_info=True)
 
 
 class LivenessThread(threading.Thread):

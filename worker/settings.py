@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     heartbeat_ttl_s: int = Field(default=5, ge=2)
     recovery_interval_s: float = Field(default=1.0, gt=0)
+
+    # Batching worker (worker.batching): clips of several queued jobs purified as one batch
+    max_batch_clips: int = Field(default=1, ge=1, description="clips per batch across jobs (1: one job at a time)")
+    max_batch_delay_ms: float = Field(default=10.0, ge=0, description="longest wait for more jobs to fill a batch")
     device: str = "cpu"
     torch_threads: int | None = Field(default=None, ge=1)
 

@@ -1,0 +1,151 @@
+"""The batching worker (``worker.batching``) against a real Redis and real ``motionguard worker``
+processes: jobs gathered into one batch each end on their own (result, failure, cancellation,
+timeout), clips with different defence settings run as separate batches, batching does not change
+a clip's result, and a SIGKILLed batching worker's jobs are all requeued and run exactly once more.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ALICE, wait_done, write_video
+from test_reliability import Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+HEARTBEAT_TTL_S = 3
+
+
+def enqueue(stack: Stack, video: Path, timeout: int = 300, **params) -> str:
+    """Enqueue a job as the API does (stored upload, owner, estimated clips), without the HTTP hop,
+    so that several jobs are queued within a few milliseconds of each other."""
+    from redis import Redis
+
+    from service.deps import owner_of
+    from worker.queueing import JOB_FUNCTION, make_queue
+    from worker.storage import upload_path
+
+    job_id = uuid.uuid4().hex
+    settings = stack.settings
+    upload_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(video, upload_path(settings, job_id))
+    make_queue(Redis.from_url(settings.redis_url), settings).enqueue(
+        JOB_FUNCTION,
+        {"defend": True, "top_k": 3, **params},
+        job_id=job_id,
+        job_timeout=timeout,
+        meta={"owner": owner_of("key-alice"), "estimated_clips": 1},
+    )
+    return job_id
+
+
+def _stack(service_env, tmp: Path, workers: int = 1, **env) -> Stack:
+    return Stack(service_env, tmp, heartbeat_ttl_s=HEARTBEAT_TTL_S, recovery_interval_s=0.5, **env).start(workers)
+
+
+@pytest.fixture(scope="module")
+def batch_stack(service_env, tmp_path_factory):
+    """One batching worker: up to 8 clips, waiting up to 1.5 s for them."""
+    stack = _stack(service_env, tmp_path_factory.mktemp("batching"), max_batch_clips=8, max_batch_delay_ms=1500)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _videos(tmp_path: Path, count: int) -> list[Path]:
+    return [write_video(tmp_path / f"v{i}.mp4", count=4, height=64, width=64, seed=i) for i in range(count)]
+
+
+def test_one_batch_many_results_equal_to_one_job_at_a_time(batch_stack, random_bundle, tmp_path):
+    """Five jobs queued together: an undecodable upload fails alone (invalid_video); the steps=1 and
+    steps=2 jobs run as two batches of two jobs; every clip's result is what the job gets alone."""
+    from models.bundle import load_bundle
+    from worker.inference import analyse_video
+
+    videos = _videos(tmp_path, 4)
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video" * 50)
+    plan = [(videos[0], 1), (garbage, 1), (videos[1], 2), (videos[2], 1), (videos[3], 2)]
+    ids = [enqueue(batch_stack, video, steps=steps) for video, steps in plan]
+    bodies = [wait_done(batch_stack.url, job_id, timeout=180) for job_id in ids]
+
+    assert bodies[1]["status"] == "failed" and bodies[1]["error"]["code"] == "invalid_video", bodies[1]
+    bundle = load_bundle(random_bundle)
+    for (video, steps), body in zip(plan, bodies, strict=True):
+        if video is garbage:
+            continue
+        assert body["status"] == "finished", body
+        result = body["result"]
+        assert result["batch"] == {"clips": 2, "jobs": 2}, result["batch"]  # its settings' batch, no other
+        assert result["defense"]["steps"] == steps
+        alone, _ = analyse_video(video, bundle, steps=steps, top_k=3)
+        for got, want in zip(result["clips"], alone["clips"], strict=True):
+            assert got["mc_loss_before"] == pytest.approx(want["mc_loss_before"], abs=1e-4)
+            assert got["mc_loss_after"] == pytest.approx(want["mc_loss_after"], abs=1e-3)
+            assert [e["index"] for e in got["labels"]] == [e["index"] for e in want["labels"]]
+        restored = httpx.get(f"{batch_stack.url}{result['restored_url']}", headers=ALICE, timeout=30)
+        assert restored.status_code == 200 and len(restored.content) > 0
+        flow_png = httpx.get(f"{batch_stack.url}{result['clips'][0]['flow_url']}", headers=ALICE, timeout=30)
+        assert flow_png.status_code == 200 and flow_png.content[:4] == b"\x89PNG"
+    workers = {batch_stack.job(job_id).meta["worker"] for job_id in ids}
+    assert len(workers) == 1
+
+
+def test_canceled_and_timed_out_jobs_leave_the_batch_the_others_go_on(batch_stack, tmp_path):
+    """Three jobs in one batch: one canceled while it runs ends ``canceled``, one past its (scaled)
+    timeout ends ``failed``/``timeout``, both well before the third, which finishes."""
+    videos = _videos(tmp_path, 3)
+    keep = enqueue(batch_stack, videos[0], steps=30)
+    cancel = enqueue(batch_stack, videos[1], steps=30)
+    late = enqueue(batch_stack, videos[2], steps=30, timeout=2)
+    wait_for(lambda: all(batch_stack.job(j).get_status() == "started" for j in (keep, cancel, late)), 60, 0.05)
+    time.sleep(0.5)
+    response = httpx.delete(f"{batch_stack.url}/jobs/{cancel}", headers=ALICE, timeout=30)
+    assert response.status_code == 202, response.text
+
+    canceled = wait_done(batch_stack.url, cancel, timeout=120)
+    timed_out = wait_done(batch_stack.url, late, timeout=120)
+    kept = wait_done(batch_stack.url, keep, timeout=180)
+    assert canceled["status"] == "canceled" and canceled["error"]["code"] == "canceled", canceled
+    assert timed_out["status"] == "failed" and timed_out["error"]["code"] == "timeout", timed_out
+    assert kept["status"] == "finished" and kept["result"]["batch"]["jobs"] == 3, kept
+    assert canceled["ended_at"] < kept["ended_at"] and timed_out["ended_at"] < kept["ended_at"]
+    from redis import Redis
+
+    registry = f"rq:wip:{batch_stack.settings.queue_name}"  # no job of the batch stays "started"
+    assert Redis.from_url(batch_stack.settings.redis_url).zcard(registry) == 0
+
+
+def test_sigkilled_batching_worker_every_job_requeued_and_run_once(service_env, tmp_path):
+    """A batch of three jobs on a worker that is SIGKILLed mid-compute: every job is requeued by
+    the heartbeat recovery and finishes on the next worker, started exactly twice in all."""
+    from rq.results import Result
+
+    stack = _stack(service_env, tmp_path, max_batch_clips=4, max_batch_delay_ms=1500)
+    try:
+        ids = [enqueue(stack, video, steps=8) for video in _videos(tmp_path, 3)]
+        started = lambda: all(stack.job(j).get_status() == "started" and stack.job(j).meta.get("worker") for j in ids)  # noqa: E731
+        wait_for(started, 60, 0.05, "batch started")
+        victim = stack.job(ids[0]).meta["worker"]
+        assert {stack.job(j).meta["worker"] for j in ids} == {victim}
+        time.sleep(0.5)
+        stack.pool.procs[0].send_signal(signal.SIGKILL)
+        stack.pool.procs[0].wait(timeout=10)
+        stack.pool.start(1)
+        bodies = [wait_done(stack.url, job_id, timeout=240) for job_id in ids]
+        assert all(body["status"] == "finished" for body in bodies), bodies
+        for job_id in ids:
+            job = stack.job(job_id)
+            assert job.meta["worker_deaths"] == 1 and job.meta["attempts"] == 2, job.meta
+            assert job.meta["worker"] != victim
+            successes = [r for r in job.results() if r.type == Result.Type.SUCCESSFUL]
+            assert len(successes) == 1
+    finally:
+        stack.stop()
