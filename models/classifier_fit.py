@@ -81,7 +81,16 @@ def fit_classifier(
     eval mode). The best epoch's weights go to ``best_path`` (a bare state dict on the CPU)."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(parameters or list(model.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "batch": 0, "elapsed": 0.0, "best_score": -1.0, "best": {}, "best_epoch": -1, "history": []}
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "elapsed": 0.0,
+        "best_score": -1.0,
+        "best": {},
+        "best_epoch": -1,
+        "improved_epoch": -1,  # last epoch that strictly beat every earlier one (ties keep the later weights)
+        "history": [],
+    }
     if ckpt_path.is_file():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
@@ -100,11 +109,8 @@ def fit_classifier(
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, ckpt_path)
 
     def stalled() -> bool:
-        return (
-            cfg.patience is not None
-            and state["best_epoch"] >= 0
-            and state["epoch"] - state["best_epoch"] >= cfg.patience
-        )
+        improved = state["improved_epoch"]
+        return cfg.patience is not None and improved >= 0 and state["epoch"] - improved >= cfg.patience
 
     budget_s = cfg.max_minutes * 60
     batches_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
@@ -162,6 +168,8 @@ def fit_classifier(
             state["history"][-1]["train_loss"],
             "  ".join(f"{name} {value:.4f}" for name, value in accuracies.items()),
         )
+        if sum(accuracies.values()) > state["best_score"]:
+            state["improved_epoch"] = state["epoch"] + 1
         if sum(accuracies.values()) >= state["best_score"]:
             state["best_score"], state["best"], state["best_epoch"] = (
                 sum(accuracies.values()),

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("worker.calibrate_cmd", "clean MC-loss calibration of a bundle"),
     "bundle": ("models.bundle_cmd", "create or verify a model bundle"),
     "train-demo": ("models.train_cmd", "train the demo RAFT-small + I3D pair on synthetic motion"),
+    "finetune": ("worker.finetune_cmd", "fine-tune a bundle's classifier on a folder of labelled videos"),
 }
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what commands record as their command line
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
