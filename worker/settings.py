@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     max_inflight_per_key: int = Field(default=10, ge=1, description="429 past this many unfinished jobs per key")
     max_retries: int = Field(default=1, ge=0, description="requeues of a job whose worker died")
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    upload_reservation_s: int = Field(
+        default=900, ge=1, description="an upload holds its in-flight slot this long at most before its job is queued"
+    )
+    sweep_interval_s: float = Field(
+        default=600.0, gt=0, description="how often 'serve' removes files of jobs whose record has expired"
+    )
 
     # Worker liveness: a dead worker's job is detected within about heartbeat_ttl_s
     heartbeat_interval_s: float = Field(default=1.0, gt=0)

@@ -71,6 +71,12 @@ class DirBlobStore:
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self._dir(job_id), ignore_errors=True)
 
+    def job_ids(self) -> list[str]:
+        """The jobs that have a blob folder (anything else under ``root`` is not ours: left alone)."""
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.iterdir() if p.is_dir() and JOB_ID_RE.fullmatch(p.name)]
+
 
 class RedisBlobStore:
     """Blobs as Redis strings with the result's TTL: no shared volume needed, bounded by Redis memory."""
@@ -99,22 +105,34 @@ def blob_store(settings: Settings, connection: Redis) -> BlobStore:
     return DirBlobStore(settings.blob_dir)
 
 
+def result_key(settings: Settings, job_id: str) -> str:
+    return settings.key("result", check_job_id(job_id))
+
+
 def save_result(connection: Redis, settings: Settings, job_id: str, result: dict[str, Any]) -> None:
-    connection.set(settings.key("result", check_job_id(job_id)), json.dumps(result), ex=settings.result_ttl_s)
+    connection.set(result_key(settings, job_id), json.dumps(result), ex=settings.result_ttl_s)
 
 
 def load_result(connection: Redis, settings: Settings, job_id: str) -> dict[str, Any] | None:
-    raw = connection.get(settings.key("result", check_job_id(job_id)))
+    raw = connection.get(result_key(settings, job_id))
     return json.loads(raw) if raw else None
 
 
 def delete_result(connection: Redis, settings: Settings, job_id: str) -> None:
-    connection.delete(settings.key("result", check_job_id(job_id)))
+    connection.delete(result_key(settings, job_id))
 
 
 def upload_path(settings: Settings, job_id: str) -> Path:
     """The stored upload of a job: named by the job id, never by the client's filename."""
     return settings.upload_dir / f"{check_job_id(job_id)}.upload"
+
+
+def stored_uploads(settings: Settings) -> dict[str, Path]:
+    """Job id -> upload file, for every upload on this host's disk."""
+    if not settings.upload_dir.is_dir():
+        return {}
+    found = {p.name.removesuffix(".upload"): p for p in settings.upload_dir.glob("*.upload")}
+    return {job_id: path for job_id, path in found.items() if JOB_ID_RE.fullmatch(job_id)}
 
 
 # In "redis" blob mode uploads travel through Redis too, so workers on other hosts need no shared
