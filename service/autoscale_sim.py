@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class KedaRule:
-    list_length: int = 2
+    list_length: int = 1
     min_replicas: int = 1
     max_replicas: int = 8
     polling_s: int = 15

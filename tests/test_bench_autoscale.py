@@ -14,7 +14,7 @@ import pytest
 from service.autoscale_sim import KedaRule, burst_trace, day_trace, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-RULE = KedaRule(startup_s=30.0)
+RULE = KedaRule(list_length=2, startup_s=30.0)
 
 
 def test_fixed_worker_serves_jobs_back_to_back():
