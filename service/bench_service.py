@@ -141,7 +141,12 @@ def _run_job(client, video: bytes, params: dict, poll_s: float) -> dict:
     if body["status"] != "finished":
         raise RuntimeError(f"job {job_id} ended {body['status']}: {body.get('error')}")
     timings = body["result"]["timings_ms"]
-    return {"e2e_ms": end_to_end, "compute_ms": timings["total"], "queue_ms": timings.get("queue", 0.0)}
+    return {
+        "e2e_ms": end_to_end,
+        "compute_ms": timings["total"],
+        "queue_ms": timings.get("queue", 0.0),
+        "result": body["result"],
+    }
 
 
 def run(args: argparse.Namespace) -> int:

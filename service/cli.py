@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "flow": ("models.benchmark", "video RAFT vs torchvision's pairwise calls"),
     "service": ("service.bench_service", "end-to-end latency and service overhead"),
     "load": ("service.bench_load", "upload/poll load against a running service"),
+    "throughput": ("service.bench_throughput", "clips/s and latency of the batching worker at several batch limits"),
     "autoscale": ("service.bench_autoscale", "queue-driven autoscaling (KEDA's rule) vs fixed fleets, simulated"),
 }
 
