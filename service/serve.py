@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -64,13 +65,14 @@ class EmbeddedRedis:
         log.info("embedded Redis stopped")
 
 
-def _die_with_parent() -> None:
-    """In the forked worker before exec: SIGTERM (warm shutdown) when the forking thread dies.
-
-    Only an async-signal-safe prctl call, so it is safe in a threaded parent.
-    """
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with_parent():
+    """For ``preexec_fn``: the worker gets SIGTERM (warm shutdown) when the thread that forked it dies,
+    also when serve is SIGKILLed. Linux only (None elsewhere). libc's prctl is looked up here, in the
+    parent, so the forked child runs nothing but that one system call before exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    pr_set_pdeathsig = 1
+    return functools.partial(ctypes.CDLL(None, use_errno=True).prctl, pr_set_pdeathsig, signal.SIGTERM)
 
 
 class WorkerSupervisor(threading.Thread):
@@ -90,10 +92,7 @@ class WorkerSupervisor(threading.Thread):
             cmd += ["--device", self.device]
         # Own process group: a Ctrl+C in the terminal reaches the serve process only, which then
         # shuts the workers down in order (warm) instead of all at once.
-        linux = sys.platform.startswith("linux")
-        proc = subprocess.Popen(
-            cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent if linux else None
-        )
+        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent())
         self.started_at[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, proc.pid)
         return proc
