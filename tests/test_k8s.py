@@ -283,6 +283,28 @@ def test_redis_keeps_its_data(docs):
     assert redis["spec"]["replicas"] == 1
 
 
+def test_only_the_service_reaches_redis(docs):
+    """Every pod that is given the Redis URL is let through the NetworkPolicy, and nothing else is."""
+    policy = find(docs, "NetworkPolicy", "motionguard-redis")["spec"]
+    redis = find(docs, "StatefulSet", "motionguard-redis")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis.items() and policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    allowed = next(p["podSelector"]["matchExpressions"][0] for p in rule["from"] if "podSelector" in p)
+    assert allowed["key"] == "app.kubernetes.io/name" and allowed["operator"] == "In"
+    clients = {
+        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+        for d in docs
+        if d["kind"] == "Deployment" and "MOTIONGUARD_REDIS_URL" in container_env(docs, container(d))
+    }
+    assert clients == set(allowed["values"]) == {"motionguard-api", "motionguard-worker"}
+    assert rule["ports"] == [{"port": "redis"}]
+
+
+def test_worker_threads_fit_its_cpu_request(docs):
+    spec = container(find(docs, "Deployment", "motionguard-worker"))
+    assert settings_of(docs, "motionguard-worker").torch_threads == int(spec["resources"]["requests"]["cpu"])
+
+
 def test_scaled_object_bounds(docs):
     scaled = find(docs, "ScaledObject")["spec"]
     assert 1 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]
