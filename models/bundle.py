@@ -56,7 +56,59 @@ class LoadedBundle:
         return self.meta.labels
 
 
+#: Named defence variants (overrides of the bundle's ``defense`` section) that the evaluation and
+#: ``motionguard bench defence`` compare; ``paper`` is Algorithm 1 as published.
+_PAPER: dict[str, object] = {
+    "keep_best": False,
+    "schedule": "constant",
+    "stop_quantile": None,
+    "random_start": 0.0,
+    "restarts": 1,
+}
+_CONVERGE: dict[str, object] = {**_PAPER, "keep_best": True, "schedule": "plateau", "stop_quantile": "p50"}
+DEFENCE_VARIANTS: dict[str, dict[str, object]] = {
+    "paper": _PAPER,
+    "best": {**_PAPER, "keep_best": True},
+    "best-plateau": {**_PAPER, "keep_best": True, "schedule": "plateau"},
+    "best-cosine": {**_PAPER, "keep_best": True, "schedule": "cosine"},
+    "converge": _CONVERGE,
+    "converge-random3": {**_CONVERGE, "random_start": 4 / 255, "restarts": 3},
+}
+
+
+def parse_variant(text: str) -> dict[str, object]:
+    """A variant name of ``DEFENCE_VARIANTS``, or ``field=value,...`` over the ``defense`` section
+    (``keep_best=true,schedule=cosine``); values are parsed as JSON where they can be."""
+    import json
+
+    text = text.strip()
+    if text in DEFENCE_VARIANTS:
+        return dict(DEFENCE_VARIANTS[text])
+    if "=" not in text:
+        raise BundleError(f"unknown defence variant {text!r} (known: {', '.join(DEFENCE_VARIANTS)}, or field=value)")
+    out: dict[str, object] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def with_defense(meta: BundleMeta, overrides: dict[str, object]) -> BundleMeta:
+    """The bundle's metadata with ``defense`` fields replaced (validated like bundle.json)."""
+    from pydantic import ValidationError
+
+    try:
+        return BundleMeta.model_validate({**meta.model_dump(), "defense": {**meta.defense.model_dump(), **overrides}})
+    except ValidationError as exc:
+        raise BundleError(f"invalid defence settings {overrides}: {exc.errors()[0]['msg']}") from None
+
+
 def defense_config(meta: BundleMeta) -> DefenseConfig:
+    """The purification a bundle's ``defense`` section describes (early-stop target resolved
+    against its calibration)."""
     d = meta.defense
     return DefenseConfig(
         steps=d.steps,
@@ -102,10 +154,21 @@ def build_models(meta: BundleMeta) -> tuple[VideoRAFT, torch.nn.Module]:
     return flow, classifier
 
 
-def load_bundle(bundle_dir: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedBundle:
-    """Verify and load a bundle onto ``device`` ("cpu" or "cuda[:n]"); the default is the demo bundle."""
+def load_bundle(
+    bundle_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    mode: str | None = None,
+    threshold: float | None = None,
+) -> LoadedBundle:
+    """Verify and load a bundle onto ``device`` ("cpu" or "cuda[:n]"); the default is the demo bundle.
+
+    ``mode`` and ``threshold`` override the ``defense`` section's default mode and ``defend=auto``
+    threshold (the deployment's settings); None keeps the bundle's."""
     bundle_dir = Path(bundle_dir) if bundle_dir else DEFAULT_BUNDLE_DIR
     meta = read_bundle_meta(bundle_dir)
+    if mode is not None or threshold is not None:
+        meta = with_defense(meta, {k: v for k, v in {"mode": mode, "threshold": threshold}.items() if v is not None})
     _verify_hashes(bundle_dir, meta)
     flow, classifier = build_models(meta)
     load_raft_weights(flow.raft, read_state_dict(bundle_dir / meta.flow.checkpoint), meta.flow.format)

@@ -66,6 +66,14 @@ class RedisAggregates:
             suspected = CounterMetricFamily(
                 "motionguard_suspected_attacks", "clips flagged as suspected attacks", labels=labels
             )
+            clips = CounterMetricFamily(
+                "motionguard_clips",
+                "clips analysed, by what the defence did (purified, stopped_early, skipped by defend=auto, off)",
+                labels=["decision", *labels],
+            )
+            steps = CounterMetricFamily(
+                "motionguard_defence_steps", "purification steps spent (forward + backward each)", labels=labels
+            )
             for model, version in bundles:
                 counters = {
                     k.decode(): float(v)
@@ -74,6 +82,9 @@ class RedisAggregates:
                 for status in ("finished", "failed", "canceled"):
                     finished.add_metric([status, model, version], counters.get(f"jobs_finished:{status}", 0.0))
                 suspected.add_metric([model, version], counters.get("suspected_attacks", 0.0))
+                for decision in worker_metrics.DECISIONS:
+                    clips.add_metric([decision, model, version], counters.get(f"clips:{decision}", 0.0))
+                steps.add_metric([model, version], counters.get("defence_steps", 0.0))
             depth = GaugeMetricFamily("motionguard_queue_depth", "jobs waiting in the queue")
             depth.add_metric([], float(connection.llen(f"rq:queue:{settings.queue_name}")))
             live = GaugeMetricFamily(
@@ -88,6 +99,8 @@ class RedisAggregates:
             families = [
                 finished,
                 suspected,
+                clips,
+                steps,
                 depth,
                 live,
                 self._hist(

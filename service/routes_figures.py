@@ -31,6 +31,8 @@ def _figure(job_id: str, index: int, name: str, owner: str, settings, connection
         raise ApiError(404, "not_defended", "the job was not defended: flow and MC-loss pictures exist only then")
     if not 0 <= index < len(result.get("clips", [])):
         raise ApiError(404, "no_such_clip", f"the job has no clip {index} ({len(result.get('clips', []))} clips)")
+    if result["clips"][index].get("decision") in ("skipped", "off"):
+        raise ApiError(404, "not_purified", f"clip {index} was not purified (defend=auto found it clean): no pictures")
     data = blob_store(settings, connection).get(job.id, figure_blob_name(index, name))
     if data is None:
         raise ApiError(404, "not_found", f"no {name} for clip {index} (expired or not produced)")

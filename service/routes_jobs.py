@@ -11,6 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from models.defence_mode import parse_mode
 from models.errors import VideoError
 from service import admission, metrics
 from service.deps import Owner, RedisDep, SettingsDep
@@ -52,6 +53,26 @@ def _check_params(settings: Settings, top_k: int, steps: int | None, epsilon: fl
         raise ApiError(422, "invalid_parameter", f"epsilon: at most {settings.max_epsilon:.6f}", reason="bad_parameter")
 
 
+#: ``defend=`` values: true/false/auto, and the other spellings the boolean parameter accepted before
+#: ``auto`` existed (so existing clients see no change).
+DefendParam = Literal["true", "false", "auto", "True", "False", "1", "0", "yes", "no", "on", "off"]
+
+
+def _defence_mode(defend: str | None, meta, settings: Settings) -> str | None:
+    """The job's ``defend`` as a mode name (None: the worker's default); 422 for an unknown value,
+    or for ``auto`` when the bundle has no threshold to decide with."""
+    try:
+        mode = parse_mode(defend) if defend is not None else None
+    except ValueError as exc:
+        raise ApiError(422, "invalid_parameter", str(exc), reason="bad_parameter") from None
+    effective = mode or settings.defense_mode or meta.defense.mode
+    if effective == "auto" and meta.auto_threshold(settings.defense_threshold) is None:
+        raise ApiError(
+            422, "invalid_parameter", "defend=auto: the bundle has no MC-loss threshold", reason="bad_parameter"
+        )
+    return mode
+
+
 def _probe(path, settings: Settings) -> VideoInfo:
     try:
         return probe_video(path, VideoLimits.from_settings(settings))
@@ -76,7 +97,7 @@ def _accepted(job_id: str, status: str) -> JSONResponse:
     "/classify",
     status_code=202,
     response_model=JobAccepted,
-    summary="Upload a video; classify it (purified unless defend=false) in the background",
+    summary="Upload a video; classify it (purified per defend=true|false|auto) in the background",
     responses={
         202: {"description": "accepted; poll status_url (also in Location)"},
         **responses(401, 409, 413, 415, 422, 429, 503),
@@ -88,7 +109,13 @@ async def classify(
     owner: Owner,
     settings: SettingsDep,
     connection: RedisDep,
-    defend: Annotated[bool, Query(description="purify the clips before classifying")] = True,
+    defend: Annotated[
+        DefendParam | None,
+        Query(
+            description="true: purify every clip; false: none; auto: only clips whose MC loss before the "
+            "defence is above the bundle's threshold (default: the bundle's defense.mode, 'always' = true)",
+        ),
+    ] = None,
     top_k: Annotated[int | None, Query(ge=1, description="labels to return (at most max_top_k)")] = None,
     multi: Annotated[bool | None, Query(description="multi-constraint MC loss (default: the bundle's)")] = None,
     steps: Annotated[int | None, Query(ge=0, description="defence steps (default: the bundle's; <= max_steps)")] = None,
@@ -105,6 +132,7 @@ async def classify(
         )
     top_k = top_k or settings.default_top_k
     _check_params(settings, top_k, steps, epsilon)
+    mode = _defence_mode(defend, request.app.state.bundle_meta, settings)
     if steps is None:
         steps = settings.default_steps
     job_id = secrets.token_hex(16)
@@ -120,7 +148,7 @@ async def classify(
         meta = request.app.state.bundle_meta
         bundle_steps = steps if steps is not None else meta.defense.steps
         clips = _estimated_clips(info, meta.input.frames, settings)
-        params = {"defend": defend, "top_k": top_k, "multi": multi, "steps": steps, "epsilon": epsilon}
+        params = {"defend": mode, "top_k": top_k, "multi": multi, "steps": steps, "epsilon": epsilon}
         await run_in_threadpool(stash_upload, connection, settings, job_id)
         await run_in_threadpool(_enqueue, connection, settings, job_id, owner, params, clips, bundle_steps)
     except BaseException:

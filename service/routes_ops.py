@@ -73,7 +73,14 @@ def models(request: Request, _owner: Owner, settings: SettingsDep):
         version=meta.version,
         labels=meta.labels,
         input=meta.input.model_dump(),
-        defense=DefenseDefaults(steps=d.steps, step_size=d.step_size, epsilon=d.epsilon, multi=d.multi),
+        defense=DefenseDefaults(
+            steps=d.steps,
+            step_size=d.step_size,
+            epsilon=d.epsilon,
+            multi=d.multi,
+            mode=settings.defense_mode or d.mode,
+            threshold=meta.auto_threshold(settings.defense_threshold),
+        ),
         calibration=(
             {k: v for k, v in meta.calibration.model_dump().items() if k != "sample"} if meta.calibration else None
         ),

@@ -33,8 +33,14 @@ class ClipResult(BaseModel):
     mc_loss_after: float
     suspected_attack: bool
     mc_trajectory: list[float] = Field(default_factory=list, description="MC loss per defence step")
-    flow_url: str | None = Field(default=None, description="defended clips: frames + flow before/after (PNG)")
-    mc_loss_url: str | None = Field(default=None, description="defended clips: MC loss per defence step (PNG)")
+    decision: Literal["purified", "stopped_early", "skipped", "off"] = Field(
+        default="off",
+        description="purified (all steps), stopped_early (reached the early-stop target), skipped (defend=auto, "
+        "MC loss at or under the threshold: classified as it is), off (defend=false)",
+    )
+    defence_steps: int = Field(default=0, description="purification steps spent on the clip (forward + backward each)")
+    flow_url: str | None = Field(default=None, description="purified clips: frames + flow before/after (PNG)")
+    mc_loss_url: str | None = Field(default=None, description="purified clips: MC loss per defence step (PNG)")
 
 
 class ModelRef(BaseModel):
@@ -45,7 +51,9 @@ class ModelRef(BaseModel):
 class JobResult(BaseModel):
     model: ModelRef
     defended: bool
-    defense: dict = Field(default_factory=dict, description="steps, epsilon and multi actually used")
+    defense: dict = Field(
+        default_factory=dict, description="mode (always/auto/off), steps, epsilon, multi and (auto) threshold used"
+    )
     labels: list[LabelScore] = Field(description="the video's labels: mean of the clips' probabilities")
     clips: list[ClipResult]
     video: dict = Field(default_factory=dict, description="source size, fps, decoded and restored frame counts")
@@ -91,6 +99,8 @@ class DefenseDefaults(BaseModel):
     step_size: float
     epsilon: float
     multi: bool
+    mode: Literal["always", "auto", "off"] = Field(default="always", description="what defend= defaults to")
+    threshold: float | None = Field(default=None, description="defend=auto purifies clips above this MC loss")
 
 
 class Limits(BaseModel):

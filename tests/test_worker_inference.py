@@ -68,7 +68,7 @@ def test_classify_cli_human_and_errors(tmp_path, random_bundle, capsys):
     path = write_video(tmp_path / "v.mp4", count=4)
     assert main(["classify", str(path), "--bundle", str(random_bundle), "--no-defend"]) == 0
     out = capsys.readouterr().out
-    assert "defended: False" in out and "MC loss" in out
+    assert "defence: off" in out and "MC loss" in out
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video" * 100)
     assert main(["classify", str(bad), "--bundle", str(random_bundle)]) != 0

@@ -19,7 +19,15 @@ log = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", type=Path, help="any container/codec PyAV reads")
     parser.add_argument("--bundle", type=Path, default=None, help="model bundle directory (default: the demo bundle)")
-    parser.add_argument("--no-defend", dest="defend", action="store_false", help="classify without purification")
+    defend = parser.add_mutually_exclusive_group()
+    defend.add_argument(
+        "--defend",
+        choices=["true", "false", "auto"],
+        default=None,
+        help="true: purify every clip; false: none; auto: only clips whose MC loss is above the bundle's "
+        "threshold (default: the bundle's defense.mode)",
+    )
+    defend.add_argument("--no-defend", dest="defend", action="store_const", const="false", help="= --defend false")
     parser.add_argument("--json", action="store_true", help="print one JSON object shaped like the service's result")
     parser.add_argument("--restored", type=Path, default=None, metavar="OUT.mp4", help="write the restored frames")
     parser.add_argument(
@@ -27,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="write each defended clip's flow strip and MC-loss plot (clip<i>.flow.png, clip<i>.mc_loss.png)",
+        help="write each purified clip's flow strip and MC-loss plot (clip<i>.flow.png, clip<i>.mc_loss.png)",
     )
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="defence steps (default: the bundle's)")
@@ -39,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def format_human(result: dict) -> str:
     """Labels with scores, then one line per clip with its MC loss before/after purification."""
-    lines = [f"model {result['model']['name']} v{result['model']['version']}, defended: {result['defended']}"]
+    mode = result.get("defense", {}).get("mode", "always" if result["defended"] else "off")
+    lines = [f"model {result['model']['name']} v{result['model']['version']}, defence: {mode}"]
     for entry in result["labels"]:
         lines.append(f"  {entry['score']:7.3f}  {entry['label']}")
     lines.append("clips:")
@@ -48,7 +57,8 @@ def format_human(result: dict) -> str:
         flag = "  SUSPECTED ATTACK" if clip["suspected_attack"] else ""
         lines.append(
             f"  #{clip['index']} frames {clip['start_frame']}-{clip['end_frame']}: {top['label']} ({top['score']:.3f})"
-            f"  MC loss {clip['mc_loss_before']:.4f} -> {clip['mc_loss_after']:.4f}{flag}"
+            f"  MC loss {clip['mc_loss_before']:.4f} -> {clip['mc_loss_after']:.4f}"
+            f"  {clip.get('decision', '')} ({clip.get('defence_steps', 0)} steps){flag}"
         )
     timings = ", ".join(f"{k} {v:.0f} ms" for k, v in result["timings_ms"].items())
     lines.append(f"timings: {timings}")
@@ -75,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    bundle = load_bundle(args.bundle or settings.bundle_dir, device=args.device)
+    bundle = load_bundle(args.bundle or settings.bundle_dir, device=args.device, **settings.bundle_overrides)
     figures: dict[int, dict[str, bytes]] | None = {} if args.figures is not None else None
     result, frames = analyse_video(
         args.video,
@@ -90,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         figures=figures,
     )
     if figures is not None:
-        if not result["defended"]:
-            log.warning("--figures: the video was not defended, so there are no flow or MC-loss pictures")
+        if not figures:
+            log.warning("--figures: no clip was purified, so there are no flow or MC-loss pictures")
         args.figures.mkdir(parents=True, exist_ok=True)
         for index, pictures in sorted(figures.items()):
             for name, data in pictures.items():

@@ -6,8 +6,8 @@ jobs at once (``worker.batching``):
 
 1. ``prepare_video`` (per job): decode and cut into clips of the bundle's geometry;
 2. ``compute_clips`` (per batch of clips sharing one ``DefenceRequest``, from one job or many):
-   inference flow, purification, inference flow on the restored clip (exactly what
-   ``Pipeline.predict`` does, as separate calls so each stage is timed on its own);
+   ``Pipeline.predict`` with the request's mode, which decides per clip (``defend=auto``: purify
+   only clips above the threshold) and times the inference passes and the purification apart;
 3. ``assemble_result`` (per job): that job's clip outputs -> the design's ``result``.
 """
 
@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.defense import DefenseConfig, purify
+from models.defence_mode import DefendMode, parse_mode
+from models.defense import DefenseConfig
+from models.errors import UserError
 from worker.video import VideoInfo, VideoLimits, cut_clips, decode_video
 
 log = logging.getLogger(__name__)
@@ -74,27 +76,43 @@ def prepare_video(path: str | Path, bundle, limits: VideoLimits | None = None, m
 
 @dataclass(frozen=True)
 class DefenceRequest:
-    """What clips must share to be computed in one batch: the defence settings actually used and
-    whether pictures are drawn. Hashable, so a batching worker groups clips by it."""
+    """What clips must share to be computed in one batch: the defence mode and settings actually
+    used and whether pictures are drawn. Hashable, so a batching worker groups clips by it."""
 
-    defended: bool
+    mode: DefendMode
     config: DefenseConfig
     figures: bool = False
+    threshold: float | None = None  # defend=auto: clips above this MC loss are purified
+
+    @property
+    def defended(self) -> bool:
+        return self.mode != "off"
 
 
 def defence_request(
     bundle,
     *,
-    defend: bool = True,
+    defend: bool | str | None = None,
     steps: int | None = None,
     epsilon: float | None = None,
     multi: bool | None = None,
     figures: bool = False,
 ) -> DefenceRequest:
-    """A job's parameters resolved against the bundle's defaults."""
-    config = bundle.pipeline.defense.with_overrides(steps=steps, epsilon=epsilon, multi=multi)
-    defended = bool(defend and config.steps > 0)
-    return DefenceRequest(defended=defended, config=config, figures=bool(figures and defended))
+    """A job's parameters resolved against the bundle's defaults (``defend`` None: the bundle's mode,
+    ``Pipeline.default_mode``; true/false/auto otherwise). Raises ``UserError`` for ``auto`` on a
+    bundle without an MC-loss threshold."""
+    pipeline = bundle.pipeline
+    config = pipeline.defense.with_overrides(steps=steps, epsilon=epsilon, multi=multi)
+    try:
+        mode = parse_mode(defend, pipeline.default_mode)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if config.steps <= 0:
+        mode = "off"
+    if mode == "auto" and pipeline.threshold is None:
+        raise UserError("defend=auto needs a calibrated bundle (no MC-loss threshold to decide with)")
+    threshold = pipeline.threshold if mode == "auto" else None
+    return DefenceRequest(mode=mode, config=config, figures=bool(figures and mode != "off"), threshold=threshold)
 
 
 @dataclass
@@ -107,6 +125,8 @@ class ClipOutput:
     trajectory: np.ndarray  # (K + 1,) MC loss over the defence steps; (1,) when not defended
     restored: np.ndarray  # (T, 3, H, W) float32
     figures: dict[str, bytes] | None = None
+    decision: str = "off"  # purified / stopped_early / skipped (defend=auto, under the threshold) / off
+    defence_steps: int = 0  # gradient evaluations (forward + backward) the purification spent on it
 
 
 @dataclass
@@ -127,7 +147,7 @@ def compute_clips(
     figure_index: Sequence[int] | None = None,
     check: Callable[[], None] | None = None,
 ) -> tuple[list[ClipOutput], BatchTimings]:
-    """Classify (purifying first when ``request.defended``) a batch of clips (B, T, 3, H, W).
+    """Classify a batch of clips (B, T, 3, H, W), purifying those ``request.mode`` selects.
 
     The clips may come from several jobs; each clip's outputs depend on that clip alone.
     ``check()`` is called at every defence step (it raises to stop the batch: cancellation,
@@ -137,30 +157,29 @@ def compute_clips(
     threshold = bundle.meta.calibration.threshold if bundle.meta.calibration is not None else None
     timings = BatchTimings(clips=int(clips.shape[0]))
     x = torch.from_numpy(np.ascontiguousarray(clips)).to(pipeline.device)
-    t0 = time.perf_counter()
-    before = pipeline.predict(x, defend=False, multi=config.multi, keep_flows=request.figures)
-    timings.classify_s += time.perf_counter() - t0
-    if request.defended:
-        t0 = time.perf_counter()
-        purified = purify(x, pipeline.flow_model, config, on_step=(lambda k, loss: check()) if check else None)
-        timings.defense_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        after = pipeline.predict(purified.restored, defend=False, multi=config.multi, keep_flows=request.figures)
-        timings.classify_s += time.perf_counter() - t0
-        trajectories = purified.trajectory.T.cpu().numpy()
-    else:
-        after = before
-        trajectories = before.mc_before[:, None].cpu().numpy()
-    probs = after.probs.cpu().numpy()
-    mc_before, mc_after = before.mc_before.cpu().numpy(), after.mc_before.cpu().numpy()
-    restored = after.restored.detach().cpu().numpy().astype(np.float32, copy=False)
+    pred = pipeline.predict(
+        x,
+        defend=request.mode,
+        config=config,
+        threshold=request.threshold,
+        keep_flows=request.figures,
+        on_step=(lambda k, loss: check()) if check else None,
+    )
+    timings.classify_s += pred.seconds["classify"]
+    timings.defense_s += pred.seconds["defense"]
+    probs = pred.probs.cpu().numpy()
+    mc_before, mc_after = pred.mc_before.cpu().numpy(), pred.mc_after.cpu().numpy()
+    restored = pred.restored.detach().cpu().numpy().astype(np.float32, copy=False)
+    steps = pred.defence_steps.cpu().numpy()
     outputs = [
         ClipOutput(
             probs=probs[j],
             mc_before=float(mc_before[j]),
             mc_after=float(mc_after[j]),
-            trajectory=trajectories[j],
+            trajectory=np.asarray(pred.trajectory_of(j), dtype=np.float32),
             restored=restored[j],
+            decision=pred.decisions[j],
+            defence_steps=int(steps[j]),
         )
         for j in range(x.shape[0])
     ]
@@ -169,10 +188,12 @@ def compute_clips(
 
         t0 = time.perf_counter()
         for j, output in enumerate(outputs):
+            if output.decision in ("skipped", "off"):  # nothing was purified: no before/after to show
+                continue
             output.figures = clip_figures(
                 x[j],
-                before.flows_before[j],
-                after.flows_before[j],  # the restored clip's inference flow
+                pred.flows_before[j],
+                pred.flows_after[j],  # the restored clip's inference flow
                 output.trajectory,
                 threshold=threshold,
                 mc_before=output.mc_before,
@@ -238,6 +259,8 @@ def assemble_result(
                 "mc_loss_after": round(output.mc_after, 6),
                 "suspected_attack": bool(threshold is not None and output.mc_before > threshold),
                 "mc_trajectory": [round(float(v), 6) for v in output.trajectory],
+                "decision": output.decision,
+                "defence_steps": output.defence_steps,
             }
         )
     frames = np.concatenate([o.restored for o in outputs]).reshape(-1, 3, spec.height, spec.width)
@@ -245,7 +268,13 @@ def assemble_result(
     result = {
         "model": {"name": meta.name, "version": meta.version},
         "defended": request.defended,
-        "defense": {"steps": config.steps if request.defended else 0, "epsilon": config.epsilon, "multi": config.multi},
+        "defense": {
+            "mode": request.mode,
+            "steps": config.steps if request.defended else 0,
+            "epsilon": config.epsilon,
+            "multi": config.multi,
+            **({"threshold": request.threshold} if request.mode == "auto" else {}),
+        },
         "labels": _top(probs_all.mean(axis=0), meta.labels, top_k),
         "clips": clip_results,
         "video": {
@@ -281,7 +310,7 @@ def analyse_video(
     path: str | Path,
     bundle,
     *,
-    defend: bool = True,
+    defend: bool | str | None = None,
     top_k: int = 5,
     multi: bool | None = None,
     steps: int | None = None,

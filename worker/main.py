@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    bundle = load_bundle(settings.bundle_dir, device=settings.device)
+    bundle = load_bundle(settings.bundle_dir, device=settings.device, **settings.bundle_overrides)
     connection = Redis.from_url(settings.redis_url)
     queues = (
         [make_queue(connection, settings)]

@@ -3,7 +3,8 @@
 Workers are many short-lived-or-not processes without a port of their own; they add to shared
 counters and fixed-bucket histograms in Redis, and ``service.metrics`` turns those into the
 Prometheus families of the design (``motionguard_jobs_finished_total``, ``motionguard_job_seconds``,
-``motionguard_mc_loss``, ``motionguard_suspected_attacks_total``, the MC-loss drift window).
+``motionguard_mc_loss``, ``motionguard_suspected_attacks_total``, ``motionguard_clips_total{decision}``,
+``motionguard_defence_steps_total``, the MC-loss drift window).
 Torch-free: the API imports the bucket definitions and key names from here.
 
 Every figure is kept per bundle (``model``/``version`` labels): counters and histograms under keys
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 SECONDS_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 MC_LOSS_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 STAGES = ("queue", "decode", "defense", "classify", "encode", "total")
+#: What the defence did with a clip (``Pipeline.predict``): ``motionguard_clips_total{decision}``.
+DECISIONS = ("purified", "stopped_early", "skipped", "off")
 
 COUNTERS_KEY = "metrics:counters"
 BUNDLES_KEY = "metrics:bundles"
@@ -103,10 +106,14 @@ def record_job(
     model: str | None = None,
     version: str | None = None,
     calibration: Any = None,
+    decisions: Iterable[str] = (),
+    defence_steps: int = 0,
 ) -> None:
     """Add one ended job to the shared metrics; never fails the job if Redis hiccups.
 
     ``model``/``version``/``calibration`` default to the bundle this worker process serves.
+    ``decisions`` (one per clip) and ``defence_steps`` (their sum) feed
+    ``motionguard_clips_total{decision}`` and ``motionguard_defence_steps_total``.
     """
     if model is None:
         model, version, calibration = _served_bundle()
@@ -121,6 +128,10 @@ def record_job(
             _observe(pipe, settings, "mc_loss", "after", MC_LOSS_BUCKETS, mc_after or [], model, version)
             if suspected:
                 pipe.hincrby(counters_key(settings, model, version), "suspected_attacks", suspected)
+            for decision in decisions:
+                pipe.hincrby(counters_key(settings, model, version), f"clips:{decision}", 1)
+            if defence_steps:
+                pipe.hincrby(counters_key(settings, model, version), "defence_steps", int(defence_steps))
             pipe.execute()
         if mc_before and model:
             from worker.drift import DriftWindow

@@ -42,7 +42,7 @@ def bundle() -> Any:
             from models.bundle import load_bundle
 
             current = _state.get("settings") or get_settings()
-            _state["bundle"] = load_bundle(current.bundle_dir, device=current.device)
+            _state["bundle"] = load_bundle(current.bundle_dir, device=current.device, **current.bundle_overrides)
         return _state["bundle"]
 
 

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_top_k: int = Field(default=20, ge=1)
     default_top_k: int = Field(default=5, ge=1)
     default_steps: int | None = Field(default=None, ge=0, description="None: the bundle's defence steps")
+    defense_mode: Literal["always", "auto", "off"] | None = Field(
+        default=None, description="default of defend= when a request names none (None: the bundle's defense.mode)"
+    )
+    defense_threshold: float | None = Field(
+        default=None, gt=0, description="defend=auto purifies clips above this MC loss (None: the bundle's)"
+    )
 
     # Jobs
     job_timeout_base_s: float = Field(default=60.0, gt=0)
@@ -100,6 +106,11 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def bundle_overrides(self) -> dict:
+        """What these settings change in a loaded bundle (``models.bundle.load_bundle`` keywords)."""
+        return {"mode": self.defense_mode, "threshold": self.defense_threshold}
 
     def key(self, *parts: str) -> str:
         """A namespaced Redis key of the service (never built from client text except hashed ids)."""

@@ -166,7 +166,7 @@
     resetResult();
     const key = $("api-key").value.trim();
     const params = new URLSearchParams();
-    params.set("defend", $("defend").checked ? "true" : "false");
+    params.set("defend", $("defend").value);
     if ($("multi").checked) params.set("multi", "true");
     if (steps) params.set("steps", steps);
     const body = new FormData();
@@ -327,7 +327,8 @@
     $("result-summary").textContent =
       (top ? "Top label: " + top.label + " (" + pct(top.score) + "). " : "") +
       "Model " + (model.name || "?") + " v" + (model.version || "?") + ", " +
-      (result.defended ? "defended" : "not defended") + ", " + (result.clips || []).length + " clip(s)" +
+      "defence " + ((result.defense || {}).mode || (result.defended ? "always" : "off")) + ", " +
+      (result.clips || []).length + " clip(s)" +
       (suspected ? ", " + suspected + " suspected attack(s)." : ", no suspected attack.");
 
     const tbody = $("clips-table").tBodies[0];
@@ -339,13 +340,14 @@
         (clip.labels || []).slice(0, 3).map((l) => l.label + " " + pct(l.score)).join(", "),
         fmt(clip.mc_loss_before, 4),
         fmt(clip.mc_loss_after, 4),
+        describeDecision(clip),
         clip.suspected_attack ? "Yes: suspected attack" : "No",
       ];
       cells.forEach((text, i) => {
         const td = document.createElement(i === 0 ? "th" : "td");
         if (i === 0) td.scope = "row";
         td.textContent = text;
-        if (i === 5 && clip.suspected_attack) td.className = "flag";
+        if (i === 6 && clip.suspected_attack) td.className = "flag";
         tr.append(td);
       });
       tbody.append(tr);
@@ -385,8 +387,19 @@
     }
   }
 
+  function describeDecision(clip) {
+    const steps = clip.defence_steps || 0;
+    const text = {
+      purified: "purified",
+      stopped_early: "purified, stopped early",
+      skipped: "skipped (looked clean)",
+      off: "off",
+    }[clip.decision] || "purified";
+    return clip.decision === "skipped" || clip.decision === "off" ? text : text + ", " + steps + " step(s)";
+  }
+
   function setupFigures(job, result) {
-    const clips = result.clips || [];
+    const clips = (result.clips || []).filter((c) => c.decision !== "skipped" && c.decision !== "off");
     if (!result.defended || clips.length === 0) {
       $("no-figures").hidden = false;
       return;
