@@ -202,9 +202,10 @@ def test_worker_records_reach_the_api_collector_per_bundle(redis_client):
     for worker in range(2):  # each "worker" is another connection; v1 clean, v2 attacked
         connection = client.__class__.from_url("redis://127.0.0.1:6379/0")
         record_job(connection, settings, "finished", stages, _clean(20, 10 + worker), _clean(20, 20), 0,
-                   model="m", version="1", calibration=cal)  # fmt: skip
+                   model="m", version="1", calibration=cal,
+                   decisions=["skipped"] * 18 + ["purified", "stopped_early"], defence_steps=27)  # fmt: skip
         record_job(connection, settings, "finished", stages, [2.0] * 20, _clean(20, 30), 20,
-                   model="m", version="2", calibration=cal)  # fmt: skip
+                   model="m", version="2", calibration=cal, decisions=["off"] * 20)  # fmt: skip
         record_job(connection, settings, "failed", model="m", version="1", calibration=cal)
     registry = CollectorRegistry()
     registry.register(RedisAggregates(SimpleNamespace(redis=client, settings=settings)))
@@ -229,6 +230,14 @@ def test_worker_records_reach_the_api_collector_per_bundle(redis_client):
     assert value("motionguard_mc_loss_suspected_share", model="m", version="2") == 1.0
     assert value("motionguard_mc_loss_suspected_share", model="m", version="1") == 0.0
     assert value("motionguard_queue_depth") == 0
+    # the adaptive defence: clips per decision and the steps spent, per bundle, summed over workers
+    assert value("motionguard_clips_total", decision="skipped", model="m", version="1") == 36
+    assert value("motionguard_clips_total", decision="purified", model="m", version="1") == 2
+    assert value("motionguard_clips_total", decision="stopped_early", model="m", version="1") == 2
+    assert value("motionguard_clips_total", decision="off", model="m", version="2") == 40
+    assert value("motionguard_clips_total", decision="skipped", model="m", version="2") == 0
+    assert value("motionguard_defence_steps_total", model="m", version="1") == 54
+    assert value("motionguard_defence_steps_total", model="m", version="2") == 0
 
 
 # --------------------------------------------------------------------------------- Prometheus files
@@ -314,6 +323,8 @@ EXPORTED_METRICS = {
     "motionguard_model_info",
     "motionguard_workers",
     "motionguard_requests_rejected_total",
+    "motionguard_clips_total",
+    "motionguard_defence_steps_total",
 }
 HISTOGRAMS = {"motionguard_job_seconds", "motionguard_mc_loss"}
 PROMQL_WORDS = {
@@ -393,6 +404,9 @@ def test_dashboard_covers_the_issue():
         "motionguard:queue_depth:max",
         "motionguard:job_seconds:p95_5m",  # latency percentiles per stage
         "motionguard:workers_live:sum",
+        "motionguard:defence_skip_ratio:rate5m",  # the adaptive defence (issue 18)
+        "motionguard:clips_by_decision:rate5m",
+        "motionguard:defence_steps_per_clip:rate5m",
     ):
         assert needed in used, needed
     heatmaps = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
