@@ -15,7 +15,7 @@ from redis import Redis
 
 from models.bundle_meta import read_bundle_meta
 from models.errors import BundleError
-from service import errors, metrics
+from service import errors, metrics, openapi_contract
 from service.routes_jobs import router as jobs_router
 from service.routes_ops import router as ops_router
 from worker.settings import Settings, get_settings
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, run_recovery: bool = True) -
     app.state.redis = None
     errors.install(app)
     errors.document_validation_errors(app)
+    openapi_contract.install(app, settings)
     metrics.install_collector(app.state)
     app.include_router(jobs_router)
     app.include_router(ops_router)
