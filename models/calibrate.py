@@ -98,6 +98,12 @@ def clean_mc_losses(
     return losses, correct, labelled
 
 
+def store_calibration(bundle_dir: str | Path, calibration: Calibration) -> None:
+    """Write ``calibration`` into the bundle's bundle.json, re-read first so only that field changes."""
+    fresh = read_bundle_meta(bundle_dir)
+    write_bundle_meta(bundle_dir, fresh.model_copy(update={"calibration": calibration}))
+
+
 def calibrate_bundle(
     bundle_dir: str | Path,
     clips: Iterable[tuple[Tensor, int | None]] | None = None,
@@ -122,8 +128,7 @@ def calibrate_bundle(
         source = f"motionshapes:{split}"
     losses, correct, labelled = clean_mc_losses(bundle.pipeline, clips, batch_size)
     calibration = summarise(losses, threshold_quantile)
-    fresh = read_bundle_meta(bundle_dir)  # re-read: write only the calibration field
-    write_bundle_meta(bundle_dir, fresh.model_copy(update={"calibration": calibration}))
+    store_calibration(bundle_dir, calibration)
     report = {
         "n": calibration.n,
         "source": source,

@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from models.bundle import create_bundle, load_bundle, sha256_of
 from models.bundle_meta import BundleMeta, read_bundle_meta, write_bundle_meta
-from models.calibrate import calibrate_bundle
+from models.calibrate import store_calibration, summarise
 from models.classifier_fit import FitConfig, accuracy, fit_classifier
 from models.errors import UserError
-from models.flow_cache import flows_of, load_or_compute
+from models.flow_cache import load_or_compute
 from models.i3d import InceptionI3d, build_i3d, flow_to_classifier_input
 from models.train_common import training_device
 
@@ -102,23 +102,31 @@ def split_by_video(labels: list[int], num_classes: int, val_fraction: float, tes
     return {name: sorted(ids) for name, ids in splits.items()}
 
 
-def _cached_flows(bundle, videos: list[LabelledVideo], run_dir: Path, flow_batch: int) -> list[Tensor]:
-    """Forward flows of every video's clips with the bundle's RAFT, one cache file per video named
-    by the video's content, the flow weights, the RAFT updates and the clip geometry."""
+def _cached_inference(bundle, videos: list[LabelledVideo], run_dir: Path, batch: int) -> list[dict[str, Tensor]]:
+    """Per video: the forward flows (float16) and clean MC loss of its clips, from the bundle's own
+    undefended prediction path (``Pipeline.predict``: what a worker computes for them). One cache
+    file per video, named by the video's content, the flow weights, the RAFT updates, the defence's
+    MC-loss settings and the clip geometry."""
     meta = bundle.meta
     flow_sha = meta.sha256[meta.flow.checkpoint][:12]
     updates = meta.flow.updates_infer
     geometry = f"{meta.input.frames}x{meta.input.height}x{meta.input.width}{meta.input.resize[0]}"
+    d = meta.defense
+    mc = f"{d.similarity}{d.lambda_smooth:g}-{d.edge_lambda:g}{'m' if d.multi else ''}"
     folder = run_dir / "flows"
     out = []
     for video in tqdm(videos, desc="flows", mininterval=10, dynamic_ncols=True):
-        path = folder / f"{video.key[:24]}_{flow_sha}_{updates}u_{geometry}_{len(video.clips)}c.pt"
+        path = folder / f"{video.key[:24]}_{flow_sha}_{updates}u_{mc}_{geometry}_{len(video.clips)}c.pt"
 
         def compute(video: LabelledVideo = video) -> dict[str, Tensor]:
-            flow_model = bundle.pipeline.flow_model
-            return {"flows": flows_of(flow_model, video.clips, updates=updates, batch=flow_batch)}
+            flows, losses = [], []
+            for b in range(0, len(video.clips), batch):
+                pred = bundle.pipeline.predict(video.clips[b : b + batch], defend=False, keep_flows=True)
+                flows.append(pred.flows_before.half().cpu())
+                losses.append(pred.mc_before.cpu())
+            return {"flows": torch.cat(flows), "mc_loss": torch.cat(losses)}
 
-        out.append(load_or_compute(path, compute)["flows"])
+        out.append(load_or_compute(path, compute))
     return out
 
 
@@ -158,25 +166,20 @@ def _check_run_dir(run_dir: Path, record: dict) -> None:
 
 
 @torch.no_grad()
-def _held_out_accuracy(pipeline, videos: list[LabelledVideo], batch: int) -> dict:
-    """Top-1 of the new bundle's own (undefended) prediction path on held-out videos: per clip, and
-    per video (the mean of its clips' probabilities, as the service reports a video)."""
+def _held_out_accuracy(classify, cached: list[dict[str, Tensor]], videos: list[LabelledVideo], ids: list[int]) -> dict:
+    """Top-1 of the new classifier on held-out videos' flows (the bundle's RAFT, cached): per clip,
+    and per video (the mean of its clips' probabilities, as the service reports a video)."""
     correct_clips = clips = correct_videos = 0
-    for video in videos:
-        probs = torch.cat(
-            [
-                pipeline.predict(video.clips[b : b + batch], defend=False).probs
-                for b in range(0, len(video.clips), batch)
-            ]
-        )
-        correct_clips += int((probs.argmax(1) == video.label).sum())
+    for i in ids:
+        probs = classify(cached[i]["flows"].float()).softmax(1).cpu()
+        correct_clips += int((probs.argmax(1) == videos[i].label).sum())
         clips += len(probs)
-        correct_videos += int(int(probs.mean(0).argmax()) == video.label)
+        correct_videos += int(int(probs.mean(0).argmax()) == videos[i].label)
     return {
-        "videos": len(videos),
+        "videos": len(ids),
         "clips": clips,
         "clip_accuracy": round(correct_clips / max(1, clips), 4),
-        "video_accuracy": round(correct_videos / max(1, len(videos)), 4),
+        "video_accuracy": round(correct_videos / max(1, len(ids)), 4),
     }
 
 
@@ -200,7 +203,8 @@ def finetune(bundle_dir: Path | None, labels: list[str], videos: list[LabelledVi
     _check_run_dir(run_dir, record)
 
     t_flows = time.perf_counter()
-    flows = _cached_flows(bundle, videos, run_dir, cfg.flow_batch)
+    cached = _cached_inference(bundle, videos, run_dir, cfg.flow_batch)
+    flows = [item["flows"] for item in cached]
     flow_minutes = (time.perf_counter() - t_flows) / 60
     model = _classifier(bundle, len(labels), cfg.seed).to(device)
     norm = meta.flow_normalisation
@@ -271,9 +275,17 @@ def finetune(bundle_dir: Path | None, labels: list[str], videos: list[LabelledVi
         training={},
     )
     out = create_bundle(cfg.out, new_meta, bundle.path / meta.flow.checkpoint, run_dir / BEST)
-    val_videos = [videos[i] for i in splits["val"]]
-    val_clips = ((clip, v.label) for v in val_videos for clip in v.clips)
-    _, calibration = calibrate_bundle(out, val_clips, threshold_quantile=cfg.calibration_quantile, device=cfg.device)
+    # The clean MC loss of the validation clips was measured by the (unchanged) RAFT path while
+    # caching: the calibration needs no second pass. The written bundle's own pipeline classifies.
+    val_losses = [float(v) for i in splits["val"] for v in cached[i]["mc_loss"]]
+    calibration = summarise(val_losses, cfg.calibration_quantile)
+    store_calibration(out, calibration)
+    pipeline = load_bundle(out, device).pipeline
+
+    def classify(x: Tensor) -> Tensor:
+        return pipeline.classify_flows(x.to(device))
+
+    held_out = {name: _held_out_accuracy(classify, cached, videos, splits[name]) for name in ("val", "test")}
     report = {
         "command": cfg.command,
         "source_bundle": {"path": str(bundle.path), "name": meta.name, "version": meta.version, "sha256": meta.sha256},
@@ -285,15 +297,15 @@ def finetune(bundle_dir: Path | None, labels: list[str], videos: list[LabelledVi
         "stopped_early": bool(state.get("stopped_early")),
         "train_clip_accuracy": round(train_acc, 4),
         "val_clip_accuracy": round(state["best"].get("val_acc", 0.0), 4),
-        "calibration": {k: calibration[k] for k in ("n", "undefended_accuracy") if k in calibration},
+        "calibration": {"n": calibration.n, "threshold": calibration.threshold, "source": "clean validation clips"},
+        "val": held_out["val"],
         "flow_minutes": round(flow_minutes, 2),
         "train_minutes": round(state["elapsed"] / 60, 2),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "command"},
         "history": state["history"],
     }
     if splits["test"]:
-        pipeline = load_bundle(out, device).pipeline
-        report["test"] = _held_out_accuracy(pipeline, [videos[i] for i in splits["test"]], cfg.flow_batch)
+        report["test"] = held_out["test"]
     report["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     current = read_bundle_meta(out)
     write_bundle_meta(out, current.model_copy(update={"training": {"finetune": report}}))

@@ -77,6 +77,31 @@ def test_finetuned_bundle_verifies_and_beats_chance_on_held_out_videos(tuned, ca
     assert recorded["source_bundle"]["name"] == source["name"]
 
 
+def test_held_out_accuracy_and_calibration_are_the_bundles_own(tuned, tmp_path):
+    """The report's test accuracy and the calibration come from cached flows and MC losses: they
+    equal what the written bundle computes from the videos afresh (decoded as the service does)."""
+    import shutil
+
+    from models.bundle import load_bundle
+    from models.calibrate import calibrate_bundle
+    from worker.finetune_cmd import decode_folder, scan_folder
+
+    root, bundle, report = tuned
+    loaded = load_bundle(bundle)
+    run = json.loads((root / "bundle.run" / "finetune_run.json").read_text())
+    videos = decode_folder(root / "videos", scan_folder(root / "videos"), loaded.meta, 1)
+    split_of = {key: name for name, keys in run["videos"].items() for key in keys}
+    test = [v for v in videos if split_of[v.key] == "test"]
+    with torch.no_grad():
+        right = sum(int(loaded.pipeline.predict(v.clips, defend=False).probs.mean(0).argmax()) == v.label for v in test)
+    assert right / len(test) == report["test"]["video_accuracy"]
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    val = ((clip, v.label) for v in videos if split_of[v.key] == "val" for clip in v.clips)
+    fresh, _ = calibrate_bundle(copy, val)
+    assert fresh.threshold == pytest.approx(loaded.meta.calibration.threshold, rel=1e-5)
+
+
 def test_rerun_resumes_from_cached_flows_and_checkpoint(tuned, caplog, capsys):
     root, bundle, report = tuned
     run_dir = root / "bundle.run"
