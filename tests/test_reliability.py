@@ -238,13 +238,21 @@ HEARTBEAT_TTL_S, RECOVERY_INTERVAL_S = 3, 0.5
 RETRY_BOUND_S = HEARTBEAT_TTL_S + RECOVERY_INTERVAL_S + 5
 
 
-@pytest.fixture(scope="module")
-def fault_stack(service_env, tmp_path_factory):
+# The fault tests run twice: workers taking one job at a time, and batching workers (worker.batching).
+BATCHING = [
+    pytest.param({}, id="one-job"),
+    pytest.param({"max_batch_clips": 4, "max_batch_delay_ms": 200}, id="batching"),
+]
+
+
+@pytest.fixture(scope="module", params=BATCHING)
+def fault_stack(service_env, tmp_path_factory, request):
     stack = Stack(
         service_env,
         tmp_path_factory.mktemp("faults"),
         heartbeat_ttl_s=HEARTBEAT_TTL_S,
         recovery_interval_s=RECOVERY_INTERVAL_S,
+        **request.param,
     )
     try:
         yield stack.start(2)
@@ -339,13 +347,14 @@ def _pings(connection) -> bool:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_redis_restart_under_load(service_env, tmp_path):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_redis_restart_under_load(service_env, tmp_path, batching):
     """While Redis is down the API answers 503 (POST and GET) and /readyz fails; after it comes back
     both recover with no restart of the API or the workers, and every job accepted before the
     restart reaches a terminal state (finished)."""
     redis = RedisServer(tmp_path / "redis")
     redis.start()
-    stack = Stack(service_env, tmp_path, redis_url=redis.url, heartbeat_ttl_s=HEARTBEAT_TTL_S)
+    stack = Stack(service_env, tmp_path, redis_url=redis.url, heartbeat_ttl_s=HEARTBEAT_TTL_S, **batching)
     try:
         stack.start(1)
         url = stack.url

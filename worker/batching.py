@@ -9,9 +9,11 @@ waiting at most ``max_batch_delay_ms`` (Triton's ``max_queue_delay_microseconds`
 
 1. each job is decoded and cut on its own (``worker.inference.prepare_video``): an undecodable
    video fails only its own job;
-2. the clips are grouped by what must match (``DefenceRequest``: defended or not, steps, epsilon,
-   multi-constraint) and each group is computed in batches of at most ``max_batch_clips`` clips,
-   clips of several jobs side by side (``compute_clips``); the rest run as separate batches;
+2. the clips are grouped by what must match (``DefenceRequest``: defence mode always/auto/off and
+   its threshold, steps, epsilon, multi-constraint) and each group is computed in batches of at
+   most ``max_batch_clips`` clips, clips of several jobs side by side (``compute_clips``, where
+   ``Pipeline.predict`` decides per clip: in auto mode only clips over the threshold are purified,
+   and clips that stop early leave the purification); other settings run as separate batches;
 3. a job whose clips are all computed gets its result assembled, stored and recorded at once.
 
 Every job keeps its own RQ lifecycle, through RQ's own calls: ``prepare_execution`` (an execution
