@@ -125,10 +125,11 @@ def test_canceled_and_timed_out_jobs_leave_the_batch_the_others_go_on(batch_stac
 
 def test_sigkilled_batching_worker_every_job_requeued_and_run_once(service_env, tmp_path):
     """A batch of three jobs on a worker that is SIGKILLed mid-compute: every job is requeued by
-    the heartbeat recovery and finishes on the next worker, started exactly twice in all."""
+    the heartbeat recovery and finishes on the next worker, started exactly twice in all. (These
+    workers draw no clip pictures: ``clip_figures=false``.)"""
     from rq.results import Result
 
-    stack = _stack(service_env, tmp_path, max_batch_clips=4, max_batch_delay_ms=1500)
+    stack = _stack(service_env, tmp_path, max_batch_clips=4, max_batch_delay_ms=1500, clip_figures="false")
     try:
         ids = [enqueue(stack, video, steps=8) for video in _videos(tmp_path, 3)]
         started = lambda: all(stack.job(j).get_status() == "started" and stack.job(j).meta.get("worker") for j in ids)  # noqa: E731
@@ -141,6 +142,8 @@ def test_sigkilled_batching_worker_every_job_requeued_and_run_once(service_env, 
         stack.pool.start(1)
         bodies = [wait_done(stack.url, job_id, timeout=240) for job_id in ids]
         assert all(body["status"] == "finished" for body in bodies), bodies
+        assert all(clip.get("flow_url") is None for body in bodies for clip in body["result"]["clips"])
+        assert all("figures" not in body["result"]["timings_ms"] for body in bodies)
         for job_id in ids:
             job = stack.job(job_id)
             assert job.meta["worker_deaths"] == 1 and job.meta["attempts"] == 2, job.meta

@@ -223,7 +223,7 @@ class BatchRun:
                 steps=member.params.steps,
                 epsilon=member.params.epsilon,
                 multi=member.params.multi,
-                figures=True,
+                figures=self.settings.clip_figures,
             )
             member.video = prepare_video(
                 member.path, self.bundle, VideoLimits.from_settings(self.settings), self.settings.max_clips

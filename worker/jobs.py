@@ -222,7 +222,7 @@ def analyse_job(params: dict[str, Any]) -> dict[str, Any]:
             limits=VideoLimits.from_settings(settings),
             max_clips=settings.max_clips,
             should_stop=should_stop,
-            figures=figures,
+            figures=figures if settings.clip_figures else None,
         )
         return store_outputs(job_id, connection, settings, result, frames, figures, t0, queued_s)
     except Exception as exc:

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # Batching worker (worker.batching): clips of several queued jobs purified as one batch
     max_batch_clips: int = Field(default=1, ge=1, description="clips per batch across jobs (1: one job at a time)")
     max_batch_delay_ms: float = Field(default=10.0, ge=0, description="longest wait for more jobs to fill a batch")
+    clip_figures: bool = Field(
+        default=True, description="draw each purified clip's flow strip and MC-loss plot (CPU, clip by clip)"
+    )
     device: str = "cpu"
     torch_threads: int | None = Field(default=None, ge=1)
 
