@@ -79,21 +79,21 @@ class FinetuneConfig:
         return self.lr if self.lr is not None else (1e-3 if self.full else 1e-2)
 
 
-def split_by_video(labels: list[int], num_classes: int, val_fraction: float, test_fraction: float, seed: int):
-    """Indices of the videos of each split, drawn per class (every class in every split that has
-    any videos); the same labels and seed always give the same split."""
+def split_by_video(labels: list[int], names: list[str], val_fraction: float, test_fraction: float, seed: int):
+    """Indices of the videos of each split, drawn per class (``labels[i]`` indexes ``names``; every
+    class in every split that has any videos); the same labels and seed always give the same split."""
     if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise UserError("need 0 < val fraction < 1, 0 <= test fraction, and val + test < 1")
     g = torch.Generator().manual_seed(seed)
     splits: dict[str, list[int]] = {name: [] for name in SPLITS}
-    for cls in range(num_classes):
+    for cls, name in enumerate(names):
         members = [i for i, label in enumerate(labels) if label == cls]
         members = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
         n_val = max(1, round(len(members) * val_fraction))
         n_test = round(len(members) * test_fraction) if test_fraction else 0
         if len(members) - n_val - n_test < 1:
             raise UserError(
-                f"class {cls} has {len(members)} video(s): too few for a training video, "
+                f"class '{name}' has {len(members)} video(s): too few for a training video, "
                 f"{n_val} validation and {n_test} test video(s) (videos, not clips, are split)"
             )
         splits["val"] += members[:n_val]
@@ -192,7 +192,7 @@ def finetune(bundle_dir: Path | None, labels: list[str], videos: list[LabelledVi
     bundle = load_bundle(bundle_dir, device)
     meta = bundle.meta
     run_dir = Path(cfg.run_dir)
-    splits = split_by_video([v.label for v in videos], len(labels), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    splits = split_by_video([v.label for v in videos], labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     record = {
         "labels": labels,
         "videos": {name: [videos[i].key for i in ids] for name, ids in splits.items()},

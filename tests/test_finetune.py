@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.bundle_meta import DEFAULT_BUNDLE_DIR
 from models.classifier_fit import FitConfig, fit_classifier
 from models.errors import UserError
 from models.finetune import split_by_video
@@ -67,7 +68,7 @@ def test_finetuned_bundle_verifies_and_beats_chance_on_held_out_videos(tuned, ca
     assert main(["bundle", "verify", str(bundle)]) == 0
     assert "calibrated" in capsys.readouterr().out
     meta = json.loads((bundle / "bundle.json").read_text())
-    source = json.loads((Path("models/bundles/motionshapes-v1/bundle.json")).read_text())
+    source = json.loads((DEFAULT_BUNDLE_DIR / "bundle.json").read_text())
     assert meta["labels"] == ["left", "right", "zoom"] and meta["classifier"]["num_classes"] == 3
     assert meta["classifier"]["temporal_pool"] == source["classifier"]["temporal_pool"]
     assert meta["sha256"]["flow.pth"] == source["sha256"]["flow.pth"]  # the bundle's RAFT, unchanged
@@ -118,6 +119,25 @@ def test_rerun_resumes_from_cached_flows_and_checkpoint(tuned, caplog, capsys):
     assert "different" in capsys.readouterr().err
 
 
+def test_full_finetune_trains_the_backbone_too(tuned, tmp_path, capsys):
+    """--full: the whole I3D trains (on the same cached flows, copied: no RAFT pass here)."""
+    import shutil
+
+    root, bundle, _ = tuned
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "bundle.run" / "flows", run_dir / "flows")
+    out = tmp_path / "full"
+    assert _finetune(root / "videos", out, "--full", "--epochs", "2", "--run-dir", str(run_dir)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["trained"] == "whole I3D" and report["epochs"] == 2
+    first = "Conv3d_1a_7x7.conv3d.weight"
+    tuned_head = torch.load(bundle / "classifier.pth", weights_only=True)
+    full = torch.load(out / "classifier.pth", weights_only=True)
+    source = torch.load(DEFAULT_BUNDLE_DIR / "classifier.pth", weights_only=True)
+    assert torch.equal(tuned_head[first], source[first])  # head-only fine-tuning keeps the backbone
+    assert not torch.equal(full[first], tuned_head[first])  # the backbone moved
+
+
 def _one_line_error(capsys, *argv: str) -> str:
     assert main(["finetune", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar
@@ -143,19 +163,20 @@ def test_bad_folders_get_one_line_errors(tmp_path, capsys):
 
 
 def test_too_few_videos_for_the_split_is_refused():
-    with pytest.raises(UserError, match="class 1 has 1 video"):
-        split_by_video([0, 0, 1], 2, 0.2, 0.0, seed=0)
+    with pytest.raises(UserError, match="class 'b' has 1 video"):
+        split_by_video([0, 0, 1], ["a", "b"], 0.2, 0.0, seed=0)
 
 
 def test_split_is_by_video_per_class_and_deterministic():
     labels = [i % 3 for i in range(30)]
-    splits = split_by_video(labels, 3, 0.2, 0.2, seed=0)
-    assert splits == split_by_video(labels, 3, 0.2, 0.2, seed=0)
+    names = ["a", "b", "c"]
+    splits = split_by_video(labels, names, 0.2, 0.2, seed=0)
+    assert splits == split_by_video(labels, names, 0.2, 0.2, seed=0)
     assert sorted(sum(splits.values(), [])) == list(range(30))  # every video in exactly one split
     for ids in splits.values():
         assert sorted({labels[i] for i in ids}) == [0, 1, 2]
     assert [len(ids) for ids in splits.values()] == [18, 6, 6]
-    assert splits != split_by_video(labels, 3, 0.2, 0.2, seed=1)
+    assert splits != split_by_video(labels, names, 0.2, 0.2, seed=1)
 
 
 def test_early_stopping_on_validation_accuracy(tmp_path):

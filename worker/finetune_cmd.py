@@ -11,7 +11,6 @@ problem is one line before any model is loaded. Re-running the same command resu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shlex
@@ -75,19 +74,12 @@ def scan_folder(folder: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _file_key(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def decode_folder(folder: Path, classes: dict[str, list[Path]], meta, clips_per_video: int):
     """Every decodable video as a ``LabelledVideo`` (clips cut as the service cuts them)."""
     import torch
     from tqdm import tqdm
 
+    from models.bundle import sha256_of
     from models.errors import UserError, VideoError
     from models.finetune import LabelledVideo
     from worker.video import cut_clips, decode_video
@@ -108,7 +100,7 @@ def decode_folder(folder: Path, classes: dict[str, list[Path]], meta, clips_per_
             reasons.setdefault(label, f"{path.name}: {exc}")
             continue
         name = str(path.relative_to(folder))
-        videos.append(LabelledVideo(name, _file_key(path), labels.index(label), torch.from_numpy(clips)))
+        videos.append(LabelledVideo(name, sha256_of(path), labels.index(label), torch.from_numpy(clips)))
     for index, label in enumerate(labels):
         if not any(v.label == index for v in videos):
             raise UserError(
