@@ -149,16 +149,17 @@ def _run_job(client, video: bytes, params: dict, poll_s: float) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    import httpx
-
+def prepare_bench(args: argparse.Namespace, prefix: str):
+    """What the service benches share before they start a service: quiet httpx, SIGTERM that
+    unwinds, a work directory, the bundle (``--bundle`` or a ``--random-bundle``), the defence
+    steps (``--steps`` or the bundle's) and an ``--clips``-clip video at the bundle's geometry.
+    Returns (work, bundle_dir, meta, steps, video bytes)."""
     from models.bundle_meta import DEFAULT_BUNDLE_DIR, read_bundle_meta
-    from models.errors import UserError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
-    # SIGTERM (e.g. from `timeout`) must unwind through the finally below, or the service is orphaned.
+    # SIGTERM (e.g. from `timeout`) must unwind through the caller's finally, or the service is orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    work = Path(tempfile.mkdtemp(prefix="motionguard-bench-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     bundle_dir = args.bundle or Path(os.environ.get("MOTIONGUARD_BUNDLE_DIR", DEFAULT_BUNDLE_DIR))
     if args.random_bundle:
         from models.bundle import make_random_bundle
@@ -170,7 +171,15 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else meta.defense.steps
     video_path = work / "bench.mp4"
     _make_video(video_path, meta.input.frames * args.clips, meta.input.height, meta.input.width)
-    video = video_path.read_bytes()
+    return work, bundle_dir, meta, steps, video_path.read_bytes()
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+
+    from models.errors import UserError
+
+    work, bundle_dir, meta, steps, video = prepare_bench(args, "motionguard-bench-")
 
     server, base = start_embedded_service(
         work, bundle_dir, args.workers, {"MOTIONGUARD_MAX_INFLIGHT_PER_KEY": str(max(10, args.workers * 2))}

@@ -16,10 +16,8 @@ import argparse
 import json
 import logging
 import os
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -191,27 +189,11 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.bundle_meta import DEFAULT_BUNDLE_DIR, read_bundle_meta
-    from service.bench_service import _make_video, start_embedded_service, stop_service
+    from service.bench_service import prepare_bench, start_embedded_service, stop_service
 
     _check_args(args)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    # SIGTERM (e.g. from `timeout`) must unwind through the finally below, or the service is orphaned.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    work = Path(tempfile.mkdtemp(prefix="motionguard-throughput-"))
+    work, bundle_dir, meta, steps, video = prepare_bench(args, "motionguard-throughput-")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    bundle_dir = args.bundle or Path(os.environ.get("MOTIONGUARD_BUNDLE_DIR", DEFAULT_BUNDLE_DIR))
-    if args.random_bundle:
-        from models.bundle import make_random_bundle
-
-        bundle_dir = make_random_bundle(
-            work / "bundle", frames=args.random_frames, size=args.random_size, steps=args.random_steps
-        )
-    meta = read_bundle_meta(bundle_dir)
-    steps = args.steps if args.steps is not None else meta.defense.steps
-    video_path = work / "bench.mp4"
-    _make_video(video_path, meta.input.frames * args.clips, meta.input.height, meta.input.width)
-    video = video_path.read_bytes()
     params = {"defend": "true", "steps": steps}
     poll_s = args.poll_ms / 1000
     warmup = args.warmup if args.warmup is not None else max(args.clients)
