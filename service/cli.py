@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from models.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -77,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._module.run(args) or 0)
     except UserError as exc:
         print(f"motionguard: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        first = exc.errors()[0]  # a MOTIONGUARD_* environment variable out of its bounds
+        name = "MOTIONGUARD_" + str(first["loc"][0]).upper() if first.get("loc") else "a setting"
+        print(f"motionguard: error: {name}: {first['msg']}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("motionguard: interrupted", file=sys.stderr)

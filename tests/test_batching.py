@@ -152,3 +152,27 @@ def test_sigkilled_batching_worker_every_job_requeued_and_run_once(service_env, 
             assert len(successes) == 1
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--max-batch-clips", "0"], {}, "--max-batch-clips must be at least 1"),
+        (["--max-batch-delay-ms", "-1"], {}, "--max-batch-delay-ms must be >= 0"),
+        ([], {"MOTIONGUARD_MAX_BATCH_CLIPS": "0"}, "MOTIONGUARD_MAX_BATCH_CLIPS: Input should be greater"),
+    ],
+)
+def test_bad_batch_settings_are_one_line_errors(argv, env, message, monkeypatch, capsys):
+    from service.cli import main
+    from worker.settings import get_settings
+
+    monkeypatch.setenv("MOTIONGUARD_REDIS_URL", "redis://127.0.0.1:6379/15")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        assert main(["worker", *argv]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("motionguard: error:") and message in err[0], err
