@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "flow": ("models.benchmark", "video RAFT vs torchvision's pairwise calls"),
     "defence": ("models.defence_bench", "defence variants x modes on clean clips: steps, s/clip, MC loss, top-1"),
+    "auto-threshold": ("models.auto_threshold", "defend=auto vs always on stored eval rows, per threshold"),
     "service": ("service.bench_service", "end-to-end latency and service overhead"),
     "load": ("service.bench_load", "upload/poll load against a running service"),
     "throughput": ("service.bench_throughput", "clips/s and latency of the batching worker at several batch limits"),

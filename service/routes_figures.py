@@ -2,7 +2,8 @@
 
 The worker (``worker.figures``) draws them while it has the flows in hand and stores them with the
 job's other blobs; this only serves them, under the same visibility rules as the job (another key's
-job is a 404). 404 too when the job was not defended or has no such clip; 409 while it runs.
+job is a 404). 404 too when the job was not defended, the clip was not purified (defend=auto
+skipped it) or there is no such clip; 409 while it runs.
 """
 
 from __future__ import annotations

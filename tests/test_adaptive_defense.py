@@ -248,3 +248,29 @@ def test_classify_defend_auto_end_to_end(tmp_path, random_bundle, capsys):
     assert skipped["defence_steps"] == 0 and skipped["mc_loss_after"] == skipped["mc_loss_before"] < threshold
     assert len(skipped["mc_trajectory"]) == 1
     assert by_decision["purified"]["defence_steps"] == 1 and by_decision["purified"]["mc_loss_before"] > threshold
+
+
+def test_auto_threshold_derivation(tmp_path, capsys):
+    """defend=auto's outcome per clip from an evaluation's records: defended above the threshold,
+    undefended at or under it; the clean row gives auto's cost."""
+    import json
+
+    from models.auto_threshold import quantile, row_outcomes
+    from service.cli import main
+
+    records = [
+        {"standard": True, "defended": False, "mc_before": 0.01},  # clean-looking: auto keeps it as it is
+        {"standard": False, "defended": True, "mc_before": 0.05},  # flagged: auto purifies it
+        {"standard": False, "defended": False, "mc_before": 0.02},
+        {"standard": False, "defended": True, "mc_before": 0.02},  # stealthy: auto misses what always catches
+    ]
+    out = row_outcomes(records, threshold=0.03)
+    assert out == {"n": 4, "standard": 25.0, "always": 50.0, "auto": 50.0, "purified_by_auto": 25.0}
+    assert row_outcomes(records, threshold=0.015)["auto"] == 75.0 and quantile([1.0, 2.0, 3.0], 0.25) == 1.5
+    state = tmp_path / "e.state.json"
+    state.write_text(json.dumps({"rows": {"clean": {"0": records[0]}, "pgd:8": dict(enumerate(records))}}))
+    assert main(["bench", "auto-threshold", str(state), "--quantiles", "0.5,0.99"]) == 0
+    table = capsys.readouterr().out
+    assert "| pgd:8 | 4 | 25.0 | 50.0 |" in table and "worst gap" in table
+    assert main(["bench", "auto-threshold", str(state), "--quantiles", "2"]) != 0
+    assert "--quantiles" in capsys.readouterr().err
