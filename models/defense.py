@@ -4,6 +4,11 @@ Starting from the (possibly attacked) clip X, take K signed-gradient steps that 
 of X' and project X' back into the L-inf ball of radius eps_r around X and into [0, 1]. The bound
 keeps the restored clip close to what was uploaded: without it, a constant clip (zero MC loss)
 would be the trivial "restoration".
+
+Near its minimum the fixed sign step oscillates, so its last iterate sits on a noise floor that is
+above a clean clip's own MC loss (issue 18). ``DefenseConfig`` can therefore also keep the best
+iterate, shrink the step, stop each clip at a target and start at random; ``PurifyResult``
+records what each clip did so an attack can replay it exactly.
 """
 
 from __future__ import annotations
@@ -133,17 +138,19 @@ def descent_step(
     return project(x - step_size.view(shape) * sign(grad), origin, config.epsilon), loss
 
 
-def random_start(clip: Tensor, config: DefenseConfig, generator: torch.Generator | None = None) -> Tensor:
-    """x_0: the clip plus uniform noise within ``config.random_start`` (capped at eps_r)."""
+def random_start(clip: Tensor, config: DefenseConfig) -> Tensor:
+    """x_0: the clip plus uniform noise within ``config.random_start`` (capped at eps_r), drawn from
+    torch's global generator (seeded by the evaluation; unseeded, so unpredictable, in the service)."""
     radius = min(config.random_start, config.epsilon)
     if radius <= 0:
         return clip.detach().clone()
-    noise = torch.rand(clip.shape, generator=generator, device=clip.device, dtype=clip.dtype) * 2 - 1
+    noise = torch.rand(clip.shape, device=clip.device, dtype=clip.dtype) * 2 - 1
     return project(clip.detach() + radius * noise, clip.detach(), config.epsilon)
 
 
 def _next_step_sizes(config: DefenseConfig, k: int, step: Tensor, since_best: Tensor) -> Tensor:
-    """The step each clip takes after step ``k`` (``since_best``: steps since its best loss improved)."""
+    """The step each clip takes after step ``k``. ``since_best`` (steps since each clip's best loss
+    improved) is reset in place for the clips the plateau rule halves."""
     if config.schedule == "cosine":
         return torch.full_like(step, config.step_size * 0.5 * (1 + math.cos(math.pi * (k + 1) / config.steps)))
     if config.schedule == "plateau":

@@ -2,6 +2,8 @@
 
 The worker, ``motionguard classify`` and the evaluation all go through ``Pipeline`` so the
 prediction path is the same everywhere (and the attacks differentiate the same functions).
+``predict`` also decides per clip whether to purify (``defend="auto"``: only clips whose MC loss
+before the defence is above the bundle's threshold) and reports what it did with each clip.
 """
 
 from __future__ import annotations
