@@ -229,7 +229,7 @@ class BatchRun:
                 member.path, self.bundle, VideoLimits.from_settings(self.settings), self.settings.max_clips
             )
             member.compute = JobCompute.empty(len(member.video.spans))
-        except REDIS_DOWN:
+        except (JobTimeoutException, *REDIS_DOWN):  # the backstop fired, or Redis is away: the whole batch
             raise
         except Exception as exc:  # noqa: BLE001 - named by record_failure (invalid_video, internal, ...)
             self.fail(member, exc)
@@ -326,7 +326,7 @@ class BatchRun:
                 member.started,
                 member.queued_s,
             )
-        except REDIS_DOWN:
+        except (JobTimeoutException, *REDIS_DOWN):
             raise
         except Exception as exc:  # noqa: BLE001 - storage_error, internal: this job only
             self.fail(member, exc)
