@@ -164,7 +164,7 @@ def purify(
     clip: Tensor,
     flow_model: VideoRAFT,
     config: DefenseConfig = DefenseConfig(),
-    on_step: Callable[[int, Tensor], None] | None = None,
+    on_step: Callable[[int, Tensor], Tensor | None] | None = None,
     keep_iterates: bool = False,
     *,
     start: Tensor | None = None,
@@ -175,7 +175,9 @@ def purify(
     Each clip's gradient depends only on that clip (the models run in eval mode), so a batch is at
     most K steps for all clips at once; clips that reached ``stop_below`` leave the batch (their
     gradients are no longer computed) and the loop ends when none is left. ``on_step(k, loss)``
-    is called after every step with the (B,) losses at x_k: progress, and the cancellation point.
+    is called after every step with the (B,) losses at x_k: progress, and the cancellation point;
+    when it returns a (B,) bool tensor, the clips marked True leave the batch too (a batching
+    worker's clips whose job was canceled or timed out: what they come back with is not used).
     ``start`` overrides x_0 (default: the clip, or a random start); ``start_loss`` is x_0's MC
     loss when the caller already has it (the inference pass): a clip already under
     ``stop_below`` then costs no gradient at all.
@@ -225,7 +227,9 @@ def purify(
         x[go] = moved[~done]
         step = _next_step_sizes(config, k, step, since_best)
         if on_step is not None:
-            on_step(k, current.clone())
+            gone = on_step(k, current.clone())
+            if gone is not None:
+                active &= ~gone.to(device=device, dtype=torch.bool)
         if iterates is not None:
             iterates.append(x.clone())
     idx = active.nonzero().squeeze(1)

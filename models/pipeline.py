@@ -129,6 +129,7 @@ class Pipeline(nn.Module):
         multi: bool | None = None,
         keep_flows: bool = False,
         on_step: Callable[[int, Tensor], None] | None = None,
+        leave: Callable[[], Tensor | None] | None = None,
         config: DefenseConfig | None = None,
         threshold: float | None = None,
         keep_iterates: bool = False,
@@ -144,6 +145,9 @@ class Pipeline(nn.Module):
         loss (inference flow) is above its loss before comes back as the input (``reverted``), so
         ``mc_after <= mc_before`` always. ``keep_iterates`` keeps each run's iterates (``runs``): the
         through-defence attacks replay the last steps from them (``models.attacks_defended``).
+        ``leave()``, asked after every defence step, may return a (B,) bool tensor: the clips marked
+        True leave the purification (a batching worker's clips whose job ended; their outputs are
+        not meaningful).
         """
         if clip.dim() != 5 or clip.shape[2] != 3:
             raise ValueError(f"expected clips of shape (B, T, 3, H, W), got {tuple(clip.shape)}")
@@ -172,10 +176,19 @@ class Pipeline(nn.Module):
         if idx.numel():
             sub, sub_before = clip[idx], mc_before[idx]
             outcomes = []  # per restart: (restored, flows, mc, logits)
+            step_hook = on_step
+            if leave is not None:
+
+                def step_hook(k: int, loss: Tensor, _idx: Tensor = idx) -> Tensor | None:
+                    if on_step is not None:
+                        on_step(k, loss)
+                    gone = leave()
+                    return None if gone is None else gone.to(_idx.device)[_idx]
+
             for _ in range(max(1, config.restarts)):
                 t0 = time.perf_counter()
                 run = purify(
-                    sub, self.flow_model, config, on_step=on_step, start_loss=sub_before, keep_iterates=keep_iterates
+                    sub, self.flow_model, config, on_step=step_hook, start_loss=sub_before, keep_iterates=keep_iterates
                 )
                 t1 = time.perf_counter()
                 runs.append(run)

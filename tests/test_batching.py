@@ -176,3 +176,25 @@ def test_bad_batch_settings_are_one_line_errors(argv, env, message, monkeypatch,
         get_settings.cache_clear()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("motionguard: error:") and message in err[0], err
+
+
+def test_clips_of_an_ended_job_leave_the_purification(random_bundle):
+    """``Pipeline.predict(leave=...)``: a clip marked gone after the first step takes no more
+    gradient steps (the batch shrinks); the other clip runs every step, unchanged by the leaving."""
+    import torch
+
+    from models.bundle import load_bundle
+
+    pipeline = load_bundle(random_bundle).pipeline
+    clips = torch.rand(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    config = pipeline.defense.with_overrides(steps=4)
+    asked = []
+
+    def leave():
+        asked.append(1)
+        return torch.tensor([True, False])
+
+    both = pipeline.predict(clips, defend="always", config=config, leave=leave)
+    alone = pipeline.predict(clips[1:], defend="always", config=config)
+    assert both.defence_steps.tolist() == [1, 4] and len(asked) == 4
+    assert torch.allclose(both.restored[1], alone.restored[0], atol=1e-5)

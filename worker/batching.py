@@ -20,8 +20,9 @@ Every job keeps its own RQ lifecycle, through RQ's own calls: ``prepare_executio
 in the ``StartedJobRegistry``), ``prepare_job_execution`` (status ``started``, worker name), a
 heartbeat for each execution from the worker's heartbeat thread (so ``worker.recovery`` requeues
 every job of a SIGKILLed worker), and ``_finalize_success``/``_finalize_failure`` (result or
-failure, registries, callbacks). A canceled job, or one past its timeout, leaves the batch at the
-next defence step (its clips' outputs are dropped) and the others go on. Nothing is pickled.
+failure, registries, callbacks). A canceled job, or one past its timeout, ends at the next
+defence step and its clips leave the purification (``Pipeline.predict(leave=...)``); the others go
+on. Nothing is pickled.
 
 Timeouts: the API sizes a job's timeout for its own clips; in a batch the job shares the compute
 with the batch's other clips, so its limit is scaled by (estimated batch clips / its clips). RQ's
@@ -256,7 +257,12 @@ class BatchRun:
                 check()
                 clips = np.stack([m.video.clips[i] for m, i in chunk])
                 outputs, timings = compute_clips(
-                    self.bundle, clips, request, figure_index=[i for _, i in chunk], check=check
+                    self.bundle,
+                    clips,
+                    request,
+                    figure_index=[i for _, i in chunk],
+                    check=check,
+                    gone=lambda chunk=chunk: [m.ended for m, _ in chunk],
                 )
             except BatchLeft:
                 continue

@@ -146,12 +146,15 @@ def compute_clips(
     *,
     figure_index: Sequence[int] | None = None,
     check: Callable[[], None] | None = None,
+    gone: Callable[[], Sequence[bool]] | None = None,
 ) -> tuple[list[ClipOutput], BatchTimings]:
     """Classify a batch of clips (B, T, 3, H, W), purifying those ``request.mode`` selects.
 
     The clips may come from several jobs; each clip's outputs depend on that clip alone.
     ``check()`` is called at every defence step (it raises to stop the batch: cancellation,
-    timeout). ``figure_index`` names each clip in its pictures (its index within its own job).
+    timeout); then ``gone()`` says, per clip, whether its job has ended: those clips leave the
+    purification (what comes back for them is not to be used). ``figure_index`` names each clip
+    in its pictures (its index within its own job).
     """
     pipeline, config = bundle.pipeline, request.config
     threshold = bundle.meta.calibration.threshold if bundle.meta.calibration is not None else None
@@ -164,6 +167,7 @@ def compute_clips(
         threshold=request.threshold,
         keep_flows=request.figures,
         on_step=(lambda k, loss: check()) if check else None,
+        leave=(lambda: torch.tensor(list(gone()), dtype=torch.bool)) if gone else None,
     )
     timings.classify_s += pred.seconds["classify"]
     timings.defense_s += pred.seconds["defense"]
