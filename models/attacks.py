@@ -1,32 +1,87 @@
-"""Adversarial attacks for the robustness evaluation (clips in [0, 1], L-inf unless said).
+"""Attacks on the undefended model (clips in [0, 1], L-inf unless said), for the robustness evaluation.
 
 Every attack takes a batch of clips (B, T, 3, H, W) with their true labels and returns the
 adversarial clips. Gradients through RAFT use 2 flow updates (``Pipeline.logits(x, 2)``: with 12 the
 recurrence obfuscates gradients, paper App. A.1); accuracies are always measured with 12.
 
-Static attacks (PGD, APGD-CE/DLR, one-frame, flickering) target the undefended model. The
-defence-aware ones target the defence: Adaptive I (CE - lambda * L_MC), Adaptive II
-(CE - lambda * |G(x+d) - G(x)|), Adaptive III = BPDA (the purification runs forward, its backward
-is the identity). The purification has no randomness, so EOT over it would average identical
-gradients; ``eot_samples`` exists for defences that add a random start.
+PGD, APGD-CE/DLR, one-frame and flickering target the undefended model and are then judged through
+the defence (transfer). Adaptive I (CE - lambda * L_MC) and II (CE - lambda * |G(x+d) - G(x)|) know
+the defence's loss but still take undefended gradients. The attacks that differentiate through the
+purification (BPDA, through-defence) are in ``models.attacks_defended``.
+
+The purified prediction is chaotic per clip (one iterate fools it, the next does not), so an attack
+that returns its last iterate understates itself. ``FirstSuccess`` keeps, per clip, the first
+iterate a judge (the real defended prediction) accepts; PGD and APGD offer it an iterate every
+``check_every`` steps, since for a transfer attack each check costs one defended prediction.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.defense import DefenseConfig, project, purify
+from models.defense import DefenseConfig, project
 from models.pipeline import Pipeline
 
 LogitsFn = Callable[[Tensor], Tensor]
+# (open clips (b, ...), open mask (B,)) -> (b,) bool: does each clip count as the attack's success
+Judge = Callable[[Tensor, Tensor], Tensor]
 
 GRAD_UPDATES = 2
+
+
+class FirstSuccess:
+    """Per clip, the first iterate the judge accepts; for clips it never accepts, the last one offered.
+
+    ``at[b]`` is the attack step of the kept iterate (-1: never accepted). Only clips still open are
+    judged, so a batch whose clips have all succeeded can stop early (``done``).
+    """
+
+    def __init__(self, x: Tensor, judge: Judge | None = None):
+        self.kept = x.detach().clone()
+        self.at = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        self.judge = judge
+
+    @property
+    def open(self) -> Tensor:
+        return self.at < 0
+
+    @property
+    def done(self) -> bool:
+        return not bool(self.open.any())
+
+    def offer(self, step: int, x: Tensor, success: Tensor | None = None) -> None:
+        """Record iterate ``x`` of step ``step``; ``success`` (B,) if already known, else the judge decides."""
+        open_ = self.open
+        if not open_.any():
+            return
+        if success is None:
+            if self.judge is None:
+                raise ValueError("FirstSuccess.offer needs a success mask or a judge")
+            success = torch.zeros_like(open_)
+            success[open_] = self.judge(x[open_].detach(), open_).to(open_.device)
+        self.kept[open_] = x[open_].detach()
+        self.at[open_ & success] = step
+
+    def finish(self, x: Tensor) -> None:
+        """The attack's last iterate becomes the result of every clip still open (not judged here: the
+        evaluation's own defended prediction of the result judges it, so no defence runs twice)."""
+        open_ = self.open
+        self.kept[open_] = x[open_].detach()
+
+
+def random_start(x: Tensor, epsilon: float, kind: str = "uniform") -> Tensor:
+    """A start inside the ball: ``uniform`` per pixel, or ``autoattack`` (APGD's: a uniform draw rescaled
+    so its largest pixel is exactly eps, then clipped to [0, 1])."""
+    t = torch.rand_like(x) * 2 - 1
+    if kind == "autoattack":
+        scale = t.abs().flatten(1).amax(dim=1).clamp_min(1e-12).view((-1,) + (1,) * (x.dim() - 1))
+        return (x + epsilon * t / scale).clamp(0.0, 1.0)
+    return project(x + t * epsilon, x, epsilon)
 
 
 def _input_grad(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,10 +118,14 @@ def pgd(
     random_start: bool = True,
     mask: Tensor | None = None,
     loss_fn: Callable[[Tensor], Tensor] | None = None,
+    tracker: FirstSuccess | None = None,
+    check_every: int = 0,
 ) -> Tensor:
     """Projected gradient ascent on CE (or on ``loss_fn(x_adv)`` per sample) within the L-inf ball.
 
-    ``mask`` (broadcastable to x) restricts the perturbation, e.g. to one frame.
+    ``mask`` (broadcastable to x) restricts the perturbation, e.g. to one frame. With a ``tracker``,
+    every ``check_every``-th iterate before the last is offered to it, the attack stops once every
+    clip has succeeded, and the last iterate is what open clips end with.
     """
     step_size = epsilon / 4 if step_size is None else step_size
     mask = torch.ones_like(x[:1]) if mask is None else mask
@@ -80,20 +139,35 @@ def pgd(
         def loss_fn(z: Tensor) -> Tensor:
             return ce_loss(logits_fn(z), y)
 
-    for _ in range(steps):
+    for k in range(1, steps + 1):
         _, grad = _input_grad(loss_fn, x_adv)
         x_adv = project(x_adv + step_size * grad.sign() * mask, x, epsilon)
+        if tracker is not None and check_every and k % check_every == 0 and k < steps:
+            tracker.offer(k, x_adv)
+            if tracker.done:
+                break
+    if tracker is not None:
+        tracker.finish(x_adv)
     return x_adv.detach()
 
 
 def apgd(
-    logits_fn: LogitsFn, x: Tensor, y: Tensor, epsilon: float, steps: int = 10, loss: str = "ce", rho: float = 0.75
+    logits_fn: LogitsFn,
+    x: Tensor,
+    y: Tensor,
+    epsilon: float,
+    steps: int = 10,
+    loss: str = "ce",
+    rho: float = 0.75,
+    tracker: FirstSuccess | None = None,
+    check_every: int = 0,
 ) -> Tensor:
-    """APGD (Croce & Hein 2020, as in AutoAttack): momentum 0.75, step halving at checkpoints.
+    """APGD (Croce & Hein 2020, as in AutoAttack): random start, momentum 0.75, step halving at checkpoints.
 
     Per sample: the step size starts at 2*eps and halves at a checkpoint when fewer than rho of the
     steps since the last checkpoint raised the loss (or the step size and best loss didn't change).
-    Returns the best point found per sample.
+    Returns the best point found per sample. A ``tracker`` is offered every ``check_every``-th
+    iterate before the last; open clips end with their best point.
     """
     loss_of = {"ce": ce_loss, "dlr": dlr_loss}[loss]
     x = x.detach()
@@ -110,7 +184,7 @@ def apgd(
     checkpoints = sorted({math.ceil(f * steps) for f in fractions if 0 < f <= 1})
 
     step = torch.full((batch,), 2.0 * epsilon, device=x.device)
-    x_cur = x.clone()
+    x_cur = random_start(x, epsilon, "autoattack")
     loss_cur, grad = _input_grad(objective, x_cur)
     best_x, best_loss = x_cur.clone(), loss_cur.clone()
     x_prev = x_cur.clone()
@@ -139,18 +213,31 @@ def apgd(
                 grad[halve] = grad_best[halve]
             improved_count.zero_()
             last_check, loss_at_check, step_at_check = k + 1, best_loss.clone(), step.clone()
+        if tracker is not None and check_every and (k + 1) % check_every == 0 and k + 1 < steps:
+            tracker.offer(k + 1, x_cur)
+            if tracker.done:
+                return best_x.detach()
+    if tracker is not None:
+        tracker.finish(best_x)
     return best_x.detach()
 
 
 def one_frame(
-    logits_fn: LogitsFn, x: Tensor, y: Tensor, epsilon: float, steps: int = 20, step_size: float | None = None
+    logits_fn: LogitsFn,
+    x: Tensor,
+    y: Tensor,
+    epsilon: float,
+    steps: int = 20,
+    step_size: float | None = None,
+    tracker: FirstSuccess | None = None,
+    check_every: int = 0,
 ) -> Tensor:
     """PGD on the single most damaging frame of each clip (largest CE gradient mass at the input)."""
     _, grad = _input_grad(lambda z: ce_loss(logits_fn(z), y), x)
     frame = grad.abs().flatten(2).sum(dim=2).argmax(dim=1)  # (B,)
     mask = torch.zeros_like(x)
     mask[torch.arange(x.shape[0]), frame] = 1.0
-    return pgd(logits_fn, x, y, epsilon, steps, step_size, mask=mask)
+    return pgd(logits_fn, x, y, epsilon, steps, step_size, mask=mask, tracker=tracker, check_every=check_every)
 
 
 def flickering(
@@ -200,6 +287,8 @@ def adaptive_mc(
     lam: float,
     defense: DefenseConfig | None = None,
     steps: int = 20,
+    tracker: FirstSuccess | None = None,
+    check_every: int = 0,
 ) -> Tensor:
     """Adaptive I: maximise CE - lambda * L_MC, so the result also looks motion-consistent."""
     config = defense or pipeline.defense
@@ -209,10 +298,19 @@ def adaptive_mc(
         logits = pipeline.classify_flows(flows["forward"])
         return ce_loss(logits, y) - lam * pipeline.mc_loss_of(z, flows, config)
 
-    return pgd(pipeline.logits, x, y, epsilon, steps, loss_fn=objective)
+    return pgd(pipeline.logits, x, y, epsilon, steps, loss_fn=objective, tracker=tracker, check_every=check_every)
 
 
-def adaptive_flow(pipeline: Pipeline, x: Tensor, y: Tensor, epsilon: float, lam: float, steps: int = 20) -> Tensor:
+def adaptive_flow(
+    pipeline: Pipeline,
+    x: Tensor,
+    y: Tensor,
+    epsilon: float,
+    lam: float,
+    steps: int = 20,
+    tracker: FirstSuccess | None = None,
+    check_every: int = 0,
+) -> Tensor:
     """Adaptive II (FlowReg): maximise CE - lambda * mean |G(x+d) - G(x)|, a "stealthy" flow change."""
     with torch.no_grad():
         clean_flow = pipeline.flow_model(x, GRAD_UPDATES)["forward"]
@@ -222,109 +320,4 @@ def adaptive_flow(pipeline: Pipeline, x: Tensor, y: Tensor, epsilon: float, lam:
         change = (flow - clean_flow).abs().mean(dim=(1, 2, 3, 4))
         return ce_loss(pipeline.classify_flows(flow), y) - lam * change
 
-    return pgd(pipeline.logits, x, y, epsilon, steps, loss_fn=objective)
-
-
-def bpda(
-    pipeline: Pipeline,
-    x: Tensor,
-    y: Tensor,
-    epsilon: float,
-    defense: DefenseConfig | None = None,
-    steps: int = 20,
-    step_size: float | None = None,
-    eot_samples: int = 1,
-) -> Tensor:
-    """Adaptive III: PGD where the purification is run forward and treated as identity backward.
-
-    The gradient is taken at the purified point (through the classifier with 2 RAFT updates) and
-    applied to the attacker's clip.
-    """
-    config = defense or pipeline.defense
-    step_size = epsilon / 4 if step_size is None else step_size
-    x = x.detach()
-    x_adv = project(x + (torch.rand_like(x) * 2 - 1) * epsilon, x, epsilon)
-    for _ in range(steps):
-        grad = torch.zeros_like(x)
-        for _ in range(eot_samples):
-            purified = purify(x_adv, pipeline.flow_model, config).restored
-            _, g = _input_grad(lambda z: ce_loss(pipeline.logits(z, GRAD_UPDATES), y), purified)
-            grad += g
-        x_adv = project(x_adv + step_size * grad.sign(), x, epsilon)
-    return x_adv.detach()
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """One attack of an evaluation, parsed from e.g. ``pgd:8``, ``apgd-dlr:8``, ``adaptive1:8:lambda=300``.
-
-    Options: ``steps``, ``step`` (PGD step size, in 1/255 like eps; default eps/4), ``lambda``
-    (adaptive attacks), ``eot`` (BPDA samples), ``n`` (run this row on the first n clips only)."""
-
-    kind: str
-    epsilon_255: float
-    options: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        extra = "".join(f":{k}={v:g}" for k, v in sorted(self.options.items()))
-        return f"{self.kind}:{self.epsilon_255:g}{extra}"
-
-    @property
-    def epsilon(self) -> float:
-        return self.epsilon_255 / 255
-
-    @property
-    def defense_aware(self) -> bool:
-        return self.kind in ("adaptive1", "adaptive2", "bpda")
-
-
-ATTACK_KINDS = ("pgd", "apgd-ce", "apgd-dlr", "oneframe", "flicker", "adaptive1", "adaptive2", "bpda", "random")
-_DEFAULT_LAMBDA = {"adaptive1": 300.0, "adaptive2": 105.0}  # the paper's strongest (Fig. 8)
-
-
-def parse_attack(text: str) -> AttackSpec:
-    """``kind:eps[:key=value...]`` with eps in 1/255 units; raises ValueError with the allowed forms."""
-    parts = [p.strip() for p in text.strip().split(":") if p.strip()]
-    if not parts or parts[0] not in ATTACK_KINDS:
-        raise ValueError(f"unknown attack {text!r}; kinds: {', '.join(ATTACK_KINDS)} (e.g. pgd:8, apgd-dlr:8)")
-    kind = parts[0]
-    default_eps = 32.0 if kind == "flicker" else 8.0
-    try:
-        eps = float(parts[1]) if len(parts) > 1 and "=" not in parts[1] else default_eps
-        options = dict((k, float(v)) for k, v in (p.split("=", 1) for p in parts[1:] if "=" in p))
-    except ValueError as exc:
-        raise ValueError(f"bad attack spec {text!r}: numbers expected, e.g. pgd:8:steps=40 ({exc})") from exc
-    if not 0 < eps <= 255:
-        raise ValueError(f"attack {text!r}: eps must be in (0, 255] (units of 1/255)")
-    if kind in _DEFAULT_LAMBDA:
-        options.setdefault("lambda", _DEFAULT_LAMBDA[kind])
-    return AttackSpec(kind, eps, options)
-
-
-def run_attack(spec: AttackSpec, pipeline: Pipeline, x: Tensor, y: Tensor) -> Tensor:
-    """Adversarial (or randomly perturbed) clips for one spec."""
-    steps = int(spec.options.get("steps", 0)) or None
-
-    def grad_logits(z: Tensor) -> Tensor:
-        return pipeline.logits(z, GRAD_UPDATES)
-
-    eps = spec.epsilon
-    if spec.kind == "random":
-        return project(x + (torch.rand_like(x) * 2 - 1) * eps, x, eps)
-    if spec.kind == "pgd":
-        step = spec.options.get("step")
-        return pgd(grad_logits, x, y, eps, steps or 20, None if step is None else step / 255)
-    if spec.kind in ("apgd-ce", "apgd-dlr"):
-        return apgd(grad_logits, x, y, eps, steps or 10, loss=spec.kind.split("-")[1])
-    if spec.kind == "oneframe":
-        return one_frame(grad_logits, x, y, eps, steps or 20)
-    if spec.kind == "flicker":
-        return flickering(grad_logits, x, y, eps, steps or 300)
-    if spec.kind == "adaptive1":
-        return adaptive_mc(pipeline, x, y, eps, spec.options["lambda"], steps=steps or 20)
-    if spec.kind == "adaptive2":
-        return adaptive_flow(pipeline, x, y, eps, spec.options["lambda"], steps=steps or 20)
-    if spec.kind == "bpda":
-        return bpda(pipeline, x, y, eps, steps=steps or 20, eot_samples=int(spec.options.get("eot", 1)))
-    raise ValueError(f"unknown attack kind {spec.kind!r}")
+    return pgd(pipeline.logits, x, y, epsilon, steps, loss_fn=objective, tracker=tracker, check_every=check_every)

@@ -1,36 +1,43 @@
-"""The robustness evaluation behind ``motionguard eval`` (the paper's Tables 1-4 and Fig. 5).
+"""The robustness evaluation behind ``motionguard eval``: runs rows of (attack, clips) and records each clip.
 
-For every row (clean inputs, uniformly noised inputs, each attack) three accuracies, in percent:
-``standard`` (the undefended model on the row's inputs), ``random`` (the row's inputs plus uniform
-noise within the defence's bound eps_r, no purification: is any perturbation enough?) and
-``defended`` (purified, then classified). Static attacks target the undefended model; the
-defence-aware ones (adaptive I/II, BPDA) target the defence and run on a fixed subset of the clips.
-Every accuracy uses the full 12 RAFT updates. The MC loss before defence of clean and attacked
-clips gives the detection AUROC.
+Per clip and row: ``standard`` (the undefended model on the row's input), ``random`` (that input
+plus uniform noise of the defence's bound, undefended), ``defended`` (the real
+``predict(defend=True)``, 12 RAFT updates), the MC loss before (inference flow: what the detector
+thresholds) and after the defence, and ``fooled_at``, the attack step whose iterate was kept (first
+success) when the attack looks for one. Summaries (bootstrap intervals, worst case, flagged share)
+are ``models.eval_report``'s job, so the same code summarises one run and several merged ones.
 
-Work is done per batch and recorded per clip in a state file, so an interrupted evaluation resumes
-where it stopped (the sample, attacks and settings must match).
+Honest numbers need reproducible ones. Every clip is attacked and scored on its own (batch 1 by
+default: the purification amplifies last-bit differences, and batched convolutions differ in the
+last bit from single ones, so a clip's outcome would otherwise depend on its batch neighbours) with
+its own seed derived from (seed, row, clip). A clip's result thus depends only on the clip, the row,
+the seed, the bundle and the machine, whatever the shard, batch order or resume point. Records go to
+a state file after each batch; a rerun resumes, and ``shard=(i, n)`` lets n processes split the clips.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import time
+import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from models.attacks import AttackSpec, run_attack
+from models.attack_spec import THROUGH_DEFENCE, AttackSpec, run_attack
 from models.defense import project
 from models.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 ClipSource = Callable[[int], tuple[Tensor, int]]  # index -> (clip (T,3,H,W) in [0,1], label)
+HARNESS_VERSION = 2  # part of the state signature: records of an older harness are not reused
 
 
 @dataclass
@@ -40,25 +47,60 @@ class ClipRecord:
     defended: bool
     mc_before: float
     mc_after: float
+    fooled_at: int | None = None  # attack step of the kept iterate (its own check accepted it); None: not found
+    agrees: bool | None = None  # the attack's own check agrees with ``defended`` (None: not checked)
+    seconds: float = 0.0  # attack + scoring time (state file only: timings are not part of the report)
 
 
-def auroc(negatives: Sequence[float], positives: Sequence[float]) -> float:
-    """P(positive score > negative score), ties counting half (the Mann-Whitney statistic)."""
-    if not negatives or not positives:
-        return float("nan")
-    neg = torch.tensor(list(negatives), dtype=torch.float64)
-    pos = torch.tensor(list(positives), dtype=torch.float64)
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+RESULT_FIELDS = tuple(f.name for f in fields(ClipRecord) if f.name != "seconds")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    spec: AttackSpec | None  # None: the clean row
+    indices: list[int]
+
+
+def clip_seed(seed: int, row: str, index: int) -> int:
+    """The torch seed of one clip of one row: independent of batches, shards and resume points."""
+    return (seed * 1_000_003 + zlib.crc32(row.encode()) * 7_919 + index) % (2**63)
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on (the same command on another machine may differ in the last bits,
+    which the chaotic purification amplifies)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def _success(spec: AttackSpec, defended: bool, mc_before: float, threshold: float | None) -> bool:
+    """The attack's goal, judged on the final record (detector-aware: wrong AND not flagged)."""
+    if spec.detector_aware:
+        return not defended and threshold is not None and mc_before <= threshold
+    return not defended
 
 
 @torch.no_grad()
-def _score(pipeline: Pipeline, x: Tensor, y: Tensor, noise_eps: float) -> list[ClipRecord]:
+def _score(pipeline: Pipeline, x: Tensor, y: Tensor, noise_eps: float, defend: bool | str) -> list[ClipRecord]:
     plain = pipeline.predict(x, defend=False)
     noised = project(x + (torch.rand_like(x) * 2 - 1) * noise_eps, x, noise_eps)
     random_pred = pipeline.predict(noised, defend=False).probs.argmax(1)
-    defended = pipeline.predict(x, defend=True)
+    defended = pipeline.predict(x, defend=defend)
     std_pred, def_pred = plain.probs.argmax(1), defended.probs.argmax(1)
     return [
         ClipRecord(
@@ -101,164 +143,147 @@ class EvaluationState:
         tmp.write_text(json.dumps({"signature": self.signature, "rows": self.rows}))
         tmp.replace(self.path)
 
-    def records(self, row: str, subset: Sequence[int] | None = None) -> list[ClipRecord]:
+    def records(self, row: str, subset: Sequence[int] | None = None) -> dict[int, ClipRecord]:
         saved = self.rows.get(row, {})
         keys = sorted(saved, key=int) if subset is None else [str(i) for i in subset if str(i) in saved]
-        return [ClipRecord(**saved[k]) for k in keys]
+        return {int(k): ClipRecord(**saved[k]) for k in keys}
+
+
+def plan_rows(
+    indices: Sequence[int],
+    attacks: Sequence[AttackSpec],
+    *,
+    clean_n: int | None = None,
+    random_n: int | None = None,
+    adaptive_n: int = 50,
+    noise_eps_255: float = 8.0,
+    shard: tuple[int, int] = (0, 1),
+) -> list[Row]:
+    """Each row's clips: the first n of ``indices`` (rows share clips), then this shard's share of them
+    (index mod shard count). ``clean_n``/``random_n`` 0 leave that row out (run it in another process)."""
+    part, parts = shard
+    everything = list(indices)
+
+    def first(count: int) -> list[int]:
+        return [i for i in everything[:count] if i % parts == part]
+
+    rows: list[Row] = []
+    if clean_n is None or clean_n > 0:
+        rows.append(Row("clean", None, first(clean_n or len(everything))))
+    if random_n is None or random_n > 0:
+        spec = AttackSpec("random", noise_eps_255)
+        rows.append(Row("random", spec, first(random_n or len(everything))))
+    for spec in attacks:
+        count = int(spec.options.get("n", adaptive_n if spec.defense_aware else len(everything)))
+        rows.append(Row(spec.name, spec, first(count)))
+    return rows
 
 
 def evaluate(
     pipeline: Pipeline,
     source: ClipSource,
-    indices: Sequence[int],
-    attacks: Sequence[AttackSpec],
+    rows: Sequence[Row],
     *,
-    adaptive_n: int = 50,
-    batch_size: int = 8,
-    noise_eps_255: float = 8.0,
-    random_n: int | None = None,
+    threshold: float | None,
+    batch_size: int = 1,
     state_path: Path | None = None,
     seed: int = 0,
     identity: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> dict:
-    """Run every row on its clips and return the report dict (see ``motionguard eval``)."""
-    rows: list[tuple[str, AttackSpec | None, list[int]]] = [("clean", None, list(indices))]
-    rows.append(("random", AttackSpec("random", noise_eps_255), list(indices)[: random_n or len(indices)]))
-    for spec in attacks:
-        count = int(spec.options.get("n", adaptive_n if spec.defense_aware else len(indices)))
-        rows.append((spec.name, spec, list(indices)[:count]))
+    on_checkpoint: Callable[[EvaluationState], None] | None = None,
+    defend: bool | str = True,
+) -> EvaluationState:
+    """Run every row on its clips (resuming from ``state_path``); returns the state with all records.
+
+    ``on_checkpoint(state)`` runs after each batch of clips (all rows): partial reports of a long run."""
     defense = pipeline.defense
     # Records are kept per row name and clip index, so a later run with a larger n (or more rows)
     # reuses every clip already done; only what decides a clip's outcome is in the signature.
-    signature = {"defense": asdict(defense), "seed": seed, **(identity or {})}
-    state = EvaluationState(state_path, signature)
-    timings: dict[str, float] = {}
-    for name, spec, subset in rows:
-        todo = [i for i in subset if not state.done(name, i)]
-        started = time.perf_counter()
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            clips, labels = zip(*(source(i) for i in chunk), strict=True)
-            x = torch.stack(clips).to(pipeline.device)
-            y = torch.tensor(labels, device=pipeline.device)
-            torch.manual_seed(seed + chunk[0])  # random starts reproducible per clip batch
-            if spec is not None:
-                x = run_attack(spec, pipeline, x, y)
-            for i, record in zip(chunk, _score(pipeline, x, y, defense.epsilon), strict=True):
-                state.add(name, i, record)
-            state.save()
-            if progress is not None:
-                progress(name, len(subset) - len(todo) + start + len(chunk), len(subset))
-        timings[name] = round(time.perf_counter() - started, 1)
-    return build_report(state, rows, timings, defense.epsilon)
-
-
-def _percent(flags: Sequence[bool]) -> float:
-    return round(100.0 * sum(flags) / len(flags), 1) if flags else float("nan")
-
-
-def _quantiles(values: Sequence[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    t = torch.tensor(list(values), dtype=torch.float64)
-    return {f"p{int(q * 100)}": round(float(t.quantile(q)), 5) for q in (0.05, 0.5, 0.95)}
-
-
-def build_report(state: EvaluationState, rows, timings: dict[str, float], defense_eps: float) -> dict:
-    clean = state.records("clean", rows[0][2])
-    report_rows, auroc_by_attack, mc = [], {}, {}
-    for name, spec, subset in rows:
-        records = state.records(name, subset)
-        report_rows.append(
-            {
-                "name": name,
-                "n": len(records),
-                "standard": _percent([r.standard for r in records]),
-                "random": _percent([r.random for r in records]),
-                "defended": _percent([r.defended for r in records]),
-                "seconds": timings.get(name),
-            }
-        )
-        mc[name] = {
-            "before": _quantiles([r.mc_before for r in records]),
-            "after": _quantiles([r.mc_after for r in records]),
-        }
-        if spec is not None:
-            auroc_by_attack[name] = round(auroc([r.mc_before for r in clean], [r.mc_before for r in records]), 4)
-    return {
-        "n": len(clean),
-        "defense_epsilon_255": round(defense_eps * 255, 2),
-        "rows": report_rows,
-        "auroc": auroc_by_attack,
-        "mc_loss": mc,
-        **_sanity_on_common_clips(state, rows),
+    signature = {
+        "harness": HARNESS_VERSION,
+        "defense": asdict(defense),
+        "seed": seed,
+        "threshold": threshold,
+        "batch": batch_size,
+        "defend": defend,
+        **(identity or {}),
     }
+    state = EvaluationState(state_path, signature)
+    # Clip-major order: every row advances on the same clips, so a run stopped early (or still going)
+    # has a common prefix of clips on which all rows, and so the worst case, are comparable.
+    order = sorted(
+        {i for row in rows for i in row.indices}, key=lambda i: min(r.indices.index(i) for r in rows if i in r.indices)
+    )
+    members = {row.name: set(row.indices) for row in rows}
+    todo = [[i for i in order if i in members[row.name] and not state.done(row.name, i)] for row in rows]
+    position = {row.name: len(row.indices) - len(left) for row, left in zip(rows, todo, strict=True)}
+    for start in range(0, len(order), batch_size):
+        group = set(order[start : start + batch_size])
+        for row, left in zip(rows, todo, strict=True):
+            chunk = [i for i in left if i in group]
+            if not chunk:
+                continue
+            _run_chunk(pipeline, source, row, chunk, state, threshold, seed, defend)
+            position[row.name] += len(chunk)
+            if progress is not None:
+                progress(row.name, position[row.name], len(row.indices))
+        if on_checkpoint is not None:
+            on_checkpoint(state)
+    return state
 
 
-def _sanity_on_common_clips(state: EvaluationState, rows) -> dict:
-    """Sanity checks on the clips every row ran on: rows of different n (e.g. pgd:8 on 200 clips,
-    pgd:8:steps=40 on 50) are only comparable on the same clips."""
-    common = sorted(set.intersection(*(set(subset) for _, _, subset in rows)))
-    restricted = [
-        {"name": name, "standard": _percent([r.standard for r in state.records(name, common)])} for name, _, _ in rows
-    ]
-    return {"sanity": sanity_checks(restricted), "sanity_n": len(common)}
+def _run_chunk(
+    pipeline: Pipeline,
+    source: ClipSource,
+    row: Row,
+    chunk: list[int],
+    state: EvaluationState,
+    threshold: float | None,
+    seed: int,
+    defend: bool | str,
+) -> None:
+    started = time.perf_counter()
+    clips, labels = zip(*(source(i) for i in chunk), strict=True)
+    x = torch.stack(clips).to(pipeline.device)
+    y = torch.tensor(labels, device=pipeline.device)
+    torch.manual_seed(clip_seed(seed, row.name, chunk[0]))
+    fooled_at = None
+    if row.spec is not None:
+        result = run_attack(row.spec, pipeline, x, y, threshold, defend)
+        x, fooled_at = result.x, result.fooled_at
+    records = _score(pipeline, x, y, pipeline.defense.epsilon, defend)
+    seconds = round((time.perf_counter() - started) / len(chunk), 2)
+    for b, (i, record) in enumerate(zip(chunk, records, strict=True)):
+        record.seconds = seconds
+        if fooled_at is not None:
+            _attach_check(row.spec, record, int(fooled_at[b]), threshold)
+        state.add(row.name, i, record)
+    state.save()
 
 
-def sanity_checks(rows: list[dict]) -> dict:
-    """Checks an honest evaluation should pass, computed from whatever rows were run."""
-    by_name = {r["name"]: r for r in rows}
-    checks: dict[str, object] = {}
-    large = [r for n, r in by_name.items() if n.startswith("pgd:") and float(n.split(":")[1]) >= 64]
-    if large:
-        checks["large_budget_undefended_accuracy"] = large[0]["standard"]
-    # more steps never help the defender: standard accuracy must not rise with steps at a fixed eps
-    by_eps: dict[str, list[tuple[int, float]]] = {}
-    for name, r in by_name.items():
-        parts = name.split(":")
-        if parts[0] != "pgd":
-            continue
-        steps = next((int(float(p.split("=")[1])) for p in parts[2:] if p.startswith("steps=")), 20)
-        if all(p.startswith(("steps=", "n=")) for p in parts[2:]):
-            by_eps.setdefault(parts[1], []).append((steps, r["standard"]))
-    for eps, points in by_eps.items():
-        if len(points) > 1:
-            points.sort()
-            accs = [a for _, a in points]
-            checks[f"pgd:{eps} accuracy by steps"] = dict(points)
-            checks[f"pgd:{eps} monotone"] = all(b <= a + 1e-9 for a, b in zip(accs, accs[1:], strict=False))
-    return checks
+def _attach_check(spec: AttackSpec, record: ClipRecord, at: int, threshold: float | None) -> None:
+    """Record where the attack found its success and whether the real prediction agrees with its check
+    (through-defence attacks judge every iterate, so a clip they never accepted must not be a success)."""
+    success = _success(spec, record.defended, record.mc_before, threshold)
+    if at >= 0:
+        record.fooled_at, record.agrees = at, success
+    elif spec.kind in THROUGH_DEFENCE:
+        record.agrees = not success
+    if at < 0 and success:
+        record.fooled_at = spec.steps  # found by the last iterate, which the scoring judged
 
 
-def to_markdown(report: dict) -> str:
-    lines = [
-        f"n = {report['n']} clips (defence-aware attacks on a subset: see n per row); accuracies in %;"
-        f" defence eps_r = {report['defense_epsilon_255']}/255",
-        "",
-        "| row | n | standard | random | defended | AUROC (MC loss) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["rows"]:
-        au = report["auroc"].get(r["name"])
-        au_text = f"{au:.3f}" if isinstance(au, float) else "–"
-        lines.append(f"| {r['name']} | {r['n']} | {r['standard']} | {r['random']} | {r['defended']} | {au_text} |")
-    if report.get("sanity"):
-        common = f"on the {report.get('sanity_n')} clips every row ran on"
-        lines += ["", f"Sanity checks ({common}): " + json.dumps(report["sanity"])]
-    return "\n".join(lines) + "\n"
-
-
-def plot_mc_distributions(state_rows: dict[str, list[ClipRecord]], attack: str, out_png: Path) -> None:
+def plot_mc_distributions(
+    clean: list[float], attacked: list[float], defended: list[float], attack: str, out_png: Path
+) -> None:
     """Fig. 5: MC loss of clean, attacked and defended (purified attacked) clips."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    clean = [r.mc_before for r in state_rows["clean"]]
-    attacked = [r.mc_before for r in state_rows[attack]]
-    defended = [r.mc_after for r in state_rows[attack]]
+    from models.eval_report import auroc
+
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     everything = clean + attacked + defended
     bins = torch.linspace(min(everything), max(everything), 40).tolist()
@@ -270,5 +295,5 @@ def plot_mc_distributions(state_rows: dict[str, list[ClipRecord]], attack: str, 
     ax.set_title(f"AUROC clean vs attacked: {auroc(clean, attacked):.3f}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    fig.savefig(out_png, metadata={"Software": None})
     plt.close(fig)

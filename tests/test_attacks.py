@@ -1,4 +1,5 @@
-"""Attacks stay in their budget and do raise the classifier's loss (tiny random model, few steps)."""
+"""Attacks stay in their budget, raise the loss, keep their first success, and the through-defence
+machinery matches the real defence (tiny random model, few steps)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 from models import attacks
+from models.attack_spec import AttackSpec, parse_attack, run_attack
+from models.attacks_defended import defended_forward, defended_objective, defended_pgd, replay
 from models.bundle import load_bundle
 
 
@@ -19,24 +22,24 @@ def setup(random_bundle):
     return pipeline, x, y
 
 
-def _ce(pipeline, x, y):
+def _ce(pipeline, x, y, loss=attacks.ce_loss):
     with torch.no_grad():
-        return attacks.ce_loss(pipeline.logits(x, 2), y)
+        return loss(pipeline.logits(x, 2), y)
 
 
 @pytest.mark.parametrize("kind", ["pgd", "apgd-ce", "apgd-dlr"])
 def test_dense_attacks_respect_budget_and_raise_loss(setup, kind):
     pipeline, x, y = setup
-    spec = attacks.parse_attack(f"{kind}:8:steps=4")
-    x_adv = attacks.run_attack(spec, pipeline, x, y)
+    x_adv = run_attack(parse_attack(f"{kind}:8:steps=4:check=0"), pipeline, x, y).x
     assert (x_adv - x).abs().max().item() <= 8 / 255 + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
-    assert _ce(pipeline, x_adv, y).mean() > _ce(pipeline, x, y).mean()
+    loss = attacks.dlr_loss if kind == "apgd-dlr" else attacks.ce_loss  # the loss each attack ascends
+    assert _ce(pipeline, x_adv, y, loss).mean() > _ce(pipeline, x, y, loss).mean()
 
 
 def test_one_frame_touches_one_frame(setup):
     pipeline, x, y = setup
-    x_adv = attacks.run_attack(attacks.parse_attack("oneframe:16:steps=3"), pipeline, x, y)
+    x_adv = run_attack(parse_attack("oneframe:16:steps=3"), pipeline, x, y).x
     changed = (x_adv - x).abs().flatten(2).amax(dim=2) > 0  # (B, T)
     assert (changed.sum(dim=1) == 1).all()
     assert (x_adv - x).abs().max().item() <= 16 / 255 + 1e-6
@@ -45,19 +48,66 @@ def test_one_frame_touches_one_frame(setup):
 def test_flicker_is_a_uniform_colour_shift_per_frame(setup):
     pipeline, x, y = setup
     x_mid = x * 0.5 + 0.25  # away from the clamp so the shift is visible everywhere
-    x_adv = attacks.run_attack(attacks.parse_attack("flicker:32:steps=5"), pipeline, x_mid, y)
+    x_adv = run_attack(parse_attack("flicker:32:steps=5"), pipeline, x_mid, y).x
     delta = x_adv - x_mid
     per_frame = delta.flatten(3)
     assert torch.allclose(per_frame, per_frame[..., :1].expand_as(per_frame), atol=1e-6)
     assert delta.abs().max() > 0 and delta.abs().max() <= 32 / 255 + 1e-6
 
 
-@pytest.mark.parametrize("spec", ["adaptive1:8:steps=2", "adaptive2:8:steps=2", "bpda:8:steps=2"])
+@pytest.mark.parametrize("spec", ["adaptive1:8:steps=2", "adaptive2:8:steps=2", "bpda:8:steps=1"])
 def test_defence_aware_attacks_respect_budget(setup, spec):
     pipeline, x, y = setup
-    x_adv = attacks.run_attack(attacks.parse_attack(spec), pipeline, x[:1], y[:1])
+    x_adv = run_attack(parse_attack(spec), pipeline, x[:1], y[:1]).x
     assert (x_adv - x[:1]).abs().max().item() <= 8 / 255 + 1e-6
     assert not torch.equal(x_adv, x[:1])
+
+
+def test_first_success_keeps_the_first_accepted_iterate():
+    x = torch.zeros(3, 2)
+    tracker = attacks.FirstSuccess(x)
+    tracker.offer(1, x + 1, torch.tensor([True, False, False]))
+    tracker.offer(2, x + 2, torch.tensor([True, True, False]))
+    assert tracker.at.tolist() == [1, 2, -1] and not tracker.done
+    tracker.finish(x + 3)
+    assert tracker.kept[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_apgd_random_start_is_autoattacks():
+    x = torch.full((2, 4, 3, 8, 8), 0.5)
+    start = attacks.random_start(x, 8 / 255, "autoattack")
+    assert (start - x).abs().flatten(1).amax(1).tolist() == pytest.approx([8 / 255] * 2)
+
+
+def test_defended_forward_is_the_real_prediction_and_replay_is_exact(setup):
+    """The attack's forward is ``predict`` itself; the unrolled replay reproduces the returned clip and
+    differentiates through the purification (a different gradient from BPDA's identity)."""
+    pipeline, x, y = setup
+    forward = defended_forward(pipeline, x[:1])
+    assert torch.equal(forward.logits, pipeline.predict(x[:1], defend=True).logits)
+    z = x[:1].clone().requires_grad_(True)
+    replayed = replay(pipeline, z, forward.runs[0], unroll=2, tau=1.0)
+    assert torch.allclose(replayed.detach(), forward.restored, atol=1e-6)
+    (unrolled,) = torch.autograd.grad(defended_objective(pipeline, z, y[:1], forward, 2, 1.0).sum(), z)
+    (identity,) = torch.autograd.grad(defended_objective(pipeline, z, y[:1], forward, 0, 1.0).sum(), z)
+    assert unrolled.abs().sum() > 0 and not torch.allclose(unrolled, identity)
+
+
+def test_through_attack_respects_budget_and_its_check_is_the_real_defence(setup):
+    pipeline, x, y = setup
+    tracker = defended_pgd(pipeline, x[:2], y[:2], 8 / 255, steps=1, unroll=1)
+    assert (tracker.kept - x[:2]).abs().max().item() <= 8 / 255 + 1e-6 and not torch.equal(tracker.kept, x[:2])
+    fooled = pipeline.predict(tracker.kept, defend=True).logits.argmax(1) != y[:2]
+    assert torch.equal(fooled, tracker.at >= 0)
+
+
+def test_detector_aware_success_needs_an_unflagged_clip(setup):
+    """With a threshold no clip can get under, a detector-aware attack can never succeed."""
+    pipeline, x, y = setup
+    tracker = defended_pgd(pipeline, x[:1], y[:1], 8 / 255, steps=1, detector_lambda=100.0, threshold=0.0)
+    assert tracker.at.tolist() == [-1]
+    with pytest.raises(ValueError, match="threshold"):
+        defended_pgd(pipeline, x[:1], y[:1], 8 / 255, steps=1, detector_lambda=100.0)
 
 
 def test_dlr_loss_is_negative_margin_ratio():
@@ -67,11 +117,14 @@ def test_dlr_loss_is_negative_margin_ratio():
 
 
 def test_parse_attack():
-    spec = attacks.parse_attack("adaptive1:8")
+    spec = parse_attack("adaptive1:8")
     assert spec.kind == "adaptive1" and spec.epsilon == pytest.approx(8 / 255) and spec.options["lambda"] == 300
     assert spec.defense_aware and spec.name == "adaptive1:8:lambda=300"
-    assert attacks.parse_attack("pgd:4:steps=40").options == {"steps": 40.0}
-    assert attacks.parse_attack("pgd:8").name == "pgd:8"
-    for bad in ["", "fgsm:8", "pgd:x", "pgd:0", "pgd:8:steps=abc"]:
+    assert parse_attack("pgd:4:steps=40").options == {"steps": 40.0}
+    assert parse_attack("pgd:8").name == "pgd:8"
+    assert parse_attack("bpda:8").steps == 20 and parse_attack("through:8").steps == 10
+    detector = parse_attack("through:8:detector=100")
+    assert detector.detector_aware and isinstance(detector, AttackSpec)
+    for bad in ["", "fgsm:8", "pgd:x", "pgd:0", "pgd:8:steps=abc", "pgd:8:detector=1", "pgd:8:foo=1", "bpda:8:eot=0"]:
         with pytest.raises(ValueError):
-            attacks.parse_attack(bad)
+            parse_attack(bad)

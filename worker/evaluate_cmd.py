@@ -1,9 +1,12 @@
-"""``motionguard eval``: the robustness table (clean, noise, attacks x standard/random/defended).
+"""``motionguard eval``: the robustness table (clean, attacks x undefended/defended/flagged, worst case).
 
 Clips come from the synthetic benchmark's split (``--split test``) or from a folder of labelled
 videos (``--videos DIR`` with one sub-folder per label, named as the bundle's labels), decoded and
-cut exactly as the service does. Results go to JSON (``--json``), Markdown (same name, ``.md``) and
-the MC-loss distribution plot (same name, ``.png``). Interrupted runs resume from ``--state``.
+cut exactly as the service does. Results go to JSON (``--json``: per-clip records and their summary;
+the same command gives the same JSON on one machine), Markdown (same name, ``.md``), timings (same
+name, ``.cost.json``: kept out of the JSON so it stays reproducible) and the MC-loss distribution
+plot (``.png``). Interrupted runs resume from ``--state``; ``--shard I/N`` and separate ``--attacks``
+lists split the work across processes, and ``motionguard eval report *.json`` merges them.
 """
 
 from __future__ import annotations
@@ -12,29 +15,69 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
-DEFAULT_ATTACKS = "pgd:4,pgd:8,pgd:16"
+DEFAULT_ATTACKS = "pgd:8,apgd-ce:8,bpda:8,through:8"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        part, parts = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/2") from None
+    if not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= I < N")
+    return part, parts
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from worker import eval_report_cmd
+
+    sub = parser.add_subparsers(dest="eval_command", metavar="[report]")
+    eval_report_cmd.configure(sub.add_parser("report", help=eval_report_cmd.HELP, description=eval_report_cmd.HELP))
     parser.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the demo bundle)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--split", choices=["train", "val", "test"], default="test", help="synthetic split")
     source.add_argument("--videos", type=Path, help="folder of labelled videos: DIR/<label>/<video>")
     parser.add_argument("--n", type=int, default=200, help="clips for clean and static attacks")
     parser.add_argument("--adaptive-n", type=int, default=50, help="clips for defence-aware attacks (a fixed subset)")
-    parser.add_argument("--attacks", default=DEFAULT_ATTACKS, help="comma-separated, e.g. pgd:8,apgd-ce:8,bpda:8")
-    parser.add_argument("--random-n", type=int, default=None, help="clips for the uniform-noise row (default --n)")
+    parser.add_argument(
+        "--attacks",
+        default=DEFAULT_ATTACKS,
+        help="comma-separated kind:eps[:key=value], e.g. pgd:8,through:8:unroll=4,bpda:8:detector=100 (README)",
+    )
+    parser.add_argument("--clean-n", type=int, default=None, help="clips for the clean row (default --n; 0: none)")
+    parser.add_argument(
+        "--random-n", type=int, default=None, help="clips for the uniform-noise row (default --n; 0: none)"
+    )
+    parser.add_argument(
+        "--shard", type=_shard, default=(0, 1), help="I/N: this process takes clips with index %% N == I"
+    )
+    parser.add_argument(
+        "--defend", choices=["always", "auto"], default="always", help="defence mode judged (auto: flagged clips only)"
+    )
+    parser.add_argument(
+        "--defence",
+        default=None,
+        metavar="VARIANT",
+        help="purification judged: a name of models.bundle.DEFENCE_VARIANTS (paper, converge, ...) or "
+        "field=value,... over bundle.json's defense (default: the bundle's)",
+    )
     parser.add_argument("--multi", action="store_true", help="evaluate the multi-constraint defence")
     parser.add_argument("--steps", type=int, default=None, help="defence steps (default: the bundle's)")
-    parser.add_argument("--batch", type=int, default=8, help="clips per batch")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="clips per batch (1: a clip's result does not depend on its batch)"
+    )
     parser.add_argument("--json", type=Path, default=Path("eval.json"), help="report path (.md and .png beside it)")
     parser.add_argument(
         "--state", type=Path, default=None, help="resume file (default: the report path with .state.json)"
+    )
+    parser.add_argument(
+        "--report-every", type=float, default=600.0, help="seconds between partial reports of a long run"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -72,13 +115,17 @@ def _video_source(folder: Path, meta, limit: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.eval_command == "report":
+        from worker import eval_report_cmd
+
+        return eval_report_cmd.run(args)
     import torch
     from tqdm import tqdm
 
-    from models.attacks import parse_attack
+    from models.attack_spec import parse_attack
     from models.bundle import load_bundle
     from models.errors import UserError
-    from models.evaluate import EvaluationState, evaluate, plot_mc_distributions, to_markdown
+    from models.evaluate import evaluate, plan_rows
 
     if args.n < 1 or args.adaptive_n < 0 or args.batch < 1:
         raise UserError("--n and --batch must be >= 1, --adaptive-n >= 0")
@@ -86,10 +133,18 @@ def run(args: argparse.Namespace) -> int:
         attacks = [parse_attack(a) for a in args.attacks.split(",") if a.strip()]
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    torch.use_deterministic_algorithms(True, warn_only=True)
     bundle = load_bundle(args.bundle, device=args.device)
     pipeline = bundle.pipeline
+    if args.defence:
+        from models.bundle import defense_config, parse_variant, with_defense
+
+        pipeline.defense = defense_config(with_defense(bundle.meta, parse_variant(args.defence)))
     pipeline.defense = pipeline.defense.with_overrides(steps=args.steps, multi=True if args.multi else None)
     meta = bundle.meta
+    threshold = meta.calibration.threshold if meta.calibration else None
+    if threshold is None and any(a.detector_aware for a in attacks):
+        raise UserError("detector-aware attacks need a calibrated bundle (motionguard calibrate)")
 
     if args.videos:
         clips = _video_source(args.videos, meta, args.n)
@@ -125,35 +180,80 @@ def run(args: argparse.Namespace) -> int:
         if done >= total:
             bar.close()
 
-    log.info("evaluating %s on %d clips from %s: %s", meta.name, len(indices), origin, [a.name for a in attacks])
-    report = evaluate(
-        pipeline,
-        source,
+    rows = plan_rows(
         indices,
         attacks,
-        adaptive_n=args.adaptive_n,
+        clean_n=args.clean_n,
         random_n=args.random_n,
+        adaptive_n=args.adaptive_n,
+        shard=args.shard,
+    )
+    log.info("evaluating %s on %d clips from %s: %s", meta.name, len(indices), origin, [r.name for r in rows])
+    last_write = [time.monotonic()]
+
+    def checkpoint(state) -> None:
+        # A long run publishes partial reports (rows on the clips done so far) every few minutes.
+        if time.monotonic() - last_write[0] >= args.report_every:
+            _write_outputs(args, state, rows, meta, origin, threshold, quiet=True)
+            last_write[0] = time.monotonic()
+
+    state = evaluate(
+        pipeline,
+        source,
+        rows,
+        threshold=threshold,
         batch_size=args.batch,
         state_path=state_path,
         seed=args.seed,
         identity={"bundle": meta.sha256, "source": origin},
         progress=progress,
+        on_checkpoint=checkpoint,
+        defend=True if args.defend == "always" else args.defend,
     )
-    report.update(
-        {
-            "bundle": {"name": meta.name, "version": meta.version},
-            "source": origin,
-            "defense": {"steps": pipeline.defense.steps, "multi": pipeline.defense.multi},
-            "command": "motionguard " + " ".join(sys.argv[1:]),
-        }
-    )
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
-    args.json.with_suffix(".md").write_text(markdown)
-    plotted = next((a.name for a in attacks if a.name.startswith("pgd:8")), attacks[0].name if attacks else None)
-    if plotted:
-        saved = EvaluationState(state_path, json.loads(state_path.read_text())["signature"])
-        rows = {"clean": saved.records("clean"), plotted: saved.records(plotted)}
-        plot_mc_distributions(rows, plotted, args.json.with_suffix(".png"))
-    print(markdown)
+    _write_outputs(args, state, rows, meta, origin, threshold)
     return 0
+
+
+def _write_outputs(
+    args: argparse.Namespace, state, rows, meta, origin: str, threshold: float | None, quiet: bool = False
+) -> None:
+    """The run's JSON (reproducible: no timings), Markdown, cost file and Fig. 5."""
+    from models.eval_report import SCHEMA, clips_to_json, summarise, to_markdown
+    from models.evaluate import RESULT_FIELDS, machine_info, plot_mc_distributions
+
+    records = {row.name: state.records(row.name, row.indices) for row in rows}
+    clips = {
+        name: {i: {f: getattr(r, f) for f in RESULT_FIELDS} for i, r in recs.items()} for name, recs in records.items()
+    }
+    summary = summarise(clips, threshold)
+    header = {
+        "schema": SCHEMA,
+        "signature": state.signature,
+        "bundle": {"name": meta.name, "version": meta.version},
+        "source": origin,
+        "threshold": threshold,
+        "shard": f"{args.shard[0]}/{args.shard[1]}",
+        "machine": machine_info(),
+        "command": "motionguard " + " ".join(sys.argv[1:]),
+    }
+    report = {**header, **summary, "clips": clips_to_json(clips)}
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    markdown = to_markdown(header, summary)
+    args.json.with_suffix(".md").write_text(markdown)
+    cost = {
+        name: {"clips": len(recs), "seconds": round(sum(r.seconds for r in recs.values()), 1)}
+        for name, recs in records.items()
+    }
+    args.json.with_suffix(".cost.json").write_text(json.dumps({"rows": cost}, indent=1) + "\n")
+    plotted = next((r.name for r in rows if r.name.startswith("pgd:8")), None)
+    if plotted and records.get("clean") and records[plotted]:
+        clean, attacked = records["clean"].values(), records[plotted].values()
+        plot_mc_distributions(
+            [r.mc_before for r in clean],
+            [r.mc_before for r in attacked],
+            [r.mc_after for r in attacked],
+            plotted,
+            args.json.with_suffix(".png"),
+        )
+    if not quiet:
+        print(markdown)
