@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     costs = load_costs(args.reports)
     markdown = to_markdown(header, summary, costs)
     first = None
-    if args.first:
+    # The comparison table only when some clip lies beyond the first N (else it repeats the main table).
+    if args.first and any(i >= args.first for recs in clips.values() for i in recs):
         first_summary = summarise(clips, header["threshold"], first=args.first)
         first = {"n": args.first, "summary": first_summary}
         markdown += f"\nFirst {args.first} clips:\n\n" + "\n".join(rows_table(first_summary)) + "\n"
