@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 
 from redis import Redis
@@ -22,6 +21,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import parse_composite_key
 
 from worker import metrics
+from worker.periodic import PeriodicThread
 from worker.queueing import make_queue
 from worker.settings import Settings
 from worker.storage import discard_upload, upload_exists
@@ -81,32 +81,27 @@ def _recover(connection: Redis, settings: Settings, queue: Queue, job: Job) -> s
     return "failed"
 
 
-class RecoveryThread(threading.Thread):
+class RecoveryThread(PeriodicThread):
     """Runs ``recover_dead_jobs`` every ``recovery_interval_s`` until stopped."""
 
     def __init__(self, connection: Redis, settings: Settings):
-        super().__init__(name="motionguard-recovery", daemon=True)
+        super().__init__("motionguard-recovery", settings.recovery_interval_s)
         self.connection, self.settings = connection, settings
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
         # After Redis was unreachable or restarted, heartbeats of live workers may have lapsed
         # meanwhile: hold the scan until they have had time to renew them, or running jobs would
         # be requeued (and run twice).
-        grace = self.settings.heartbeat_ttl_s + 2 * self.settings.heartbeat_interval_s
-        hold_until, run_id = 0.0, None
-        while not self.stopped.wait(self.settings.recovery_interval_s):
-            try:
-                current = self.connection.info("server").get("run_id")
-                if run_id is not None and current != run_id:
-                    log.warning("Redis restarted; recovery scans resume in %.0f s", grace)
-                    hold_until = time.monotonic() + grace
-                run_id = current
-                if time.monotonic() >= hold_until:
-                    recover_dead_jobs(self.connection, self.settings)
-            except Exception:  # noqa: BLE001 - Redis may be briefly away; try again next tick
-                hold_until = time.monotonic() + grace
-                log.debug("recovery scan failed", exc_info=True)
+        self.grace = settings.heartbeat_ttl_s + 2 * settings.heartbeat_interval_s
+        self.hold_until, self.run_id = 0.0, None
 
-    def stop(self) -> None:
-        self.stopped.set()
+    def tick(self) -> None:
+        try:
+            current = self.connection.info("server").get("run_id")
+            if self.run_id is not None and current != self.run_id:
+                log.warning("Redis restarted; recovery scans resume in %.0f s", self.grace)
+                self.hold_until = time.monotonic() + self.grace
+            self.run_id = current
+            if time.monotonic() >= self.hold_until:
+                recover_dead_jobs(self.connection, self.settings)
+        except Exception:  # noqa: BLE001 - Redis may be briefly away; try again next tick
+            self.hold_until = time.monotonic() + self.grace
+            log.debug("recovery scan failed", exc_info=True)

@@ -26,6 +26,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
+from worker.periodic import PeriodicThread
 from worker.queueing import JOB_FUNCTION
 from worker.settings import Settings
 
@@ -139,30 +140,26 @@ class ModelWorker(SimpleWorker):
                     log.debug("job heartbeat failed", exc_info=True)
 
 
-class LivenessThread(threading.Thread):
+class LivenessThread(PeriodicThread):
     """Keeps ``<prefix>:worker:<name>`` alive (TTL heartbeat_ttl_s) with the bundle this worker serves."""
 
     def __init__(self, worker: ModelWorker, settings: Settings, info: dict):
-        super().__init__(name="motionguard-liveness", daemon=True)
+        super().__init__("motionguard-liveness", settings.heartbeat_interval_s, immediate=True)
         self.worker, self.settings = worker, settings
         self.key = settings.key("worker", worker.name)
         self.value = json.dumps({**info, "pid": os.getpid(), "name": worker.name})
-        self.stopped = threading.Event()
 
     def beat(self) -> None:
         self.worker.connection.set(self.key, self.value, ex=self.settings.heartbeat_ttl_s)
 
-    def run(self) -> None:
-        while True:
-            try:
-                self.beat()
-            except Exception:  # noqa: BLE001
-                log.debug("liveness beat failed", exc_info=True)
-            if self.stopped.wait(self.settings.heartbeat_interval_s):
-                break
+    def tick(self) -> None:
+        try:
+            self.beat()
+        except Exception:  # noqa: BLE001
+            log.debug("liveness beat failed", exc_info=True)
 
     def stop(self) -> None:
-        self.stopped.set()
+        super().stop()
         try:
             self.worker.connection.delete(self.key)
         except Exception:  # noqa: BLE001

@@ -11,12 +11,12 @@ progress are never touched. Blobs in the "redis" store carry their own TTL and n
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from redis import Redis, RedisError
 from rq.job import Job
 
+from worker.periodic import PeriodicThread
 from worker.settings import Settings
 from worker.storage import DirBlobStore, result_key, stored_uploads
 
@@ -50,20 +50,15 @@ def sweep_once(connection: Redis, settings: Settings, now: float | None = None) 
     return removed
 
 
-class SweepThread(threading.Thread):
+class SweepThread(PeriodicThread):
     """Runs ``sweep_once`` every ``sweep_interval_s``; a Redis outage skips a pass, never deletes."""
 
     def __init__(self, connection: Redis, settings: Settings):
-        super().__init__(name="motionguard-sweep", daemon=True)
+        super().__init__("motionguard-sweep", settings.sweep_interval_s)
         self.connection, self.settings = connection, settings
-        self.stopping = threading.Event()
 
-    def run(self) -> None:
-        while not self.stopping.wait(self.settings.sweep_interval_s):
-            try:
-                sweep_once(self.connection, self.settings)
-            except (RedisError, OSError) as exc:
-                log.warning("sweep skipped: %s", exc)
-
-    def stop(self) -> None:
-        self.stopping.set()
+    def tick(self) -> None:
+        try:
+            sweep_once(self.connection, self.settings)
+        except (RedisError, OSError) as exc:
+            log.warning("sweep skipped: %s", exc)
