@@ -19,9 +19,9 @@ import time
 
 from redis import Redis
 from rq.job import Job
-from rq.queue import Queue
 
 from service.errors import RETRY_AFTER_S, ApiError
+from worker.queueing import queue_key
 from worker.settings import Settings
 
 PENDING = "pending:"  # idempotency value while the job's upload is being received
@@ -86,7 +86,7 @@ def admit(connection: Redis, settings: Settings, owner: str, job_id: str, client
     keys = [
         inflight_key(settings, owner),
         idempotency_key(settings, owner, client_key) if client_key else "",
-        Queue.redis_queue_namespace_prefix + settings.queue_name,
+        queue_key(settings),
     ]
     args = [
         job_id,

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from worker import metrics as worker_metrics
 from worker.drift import drift_families
+from worker.queueing import queue_key
 from worker.rq_worker import live_workers
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class RedisAggregates:
                     clips.add_metric([decision, model, version], counters.get(f"clips:{decision}", 0.0))
                 steps.add_metric([model, version], counters.get("defence_steps", 0.0))
             depth = GaugeMetricFamily("motionguard_queue_depth", "jobs waiting in the queue")
-            depth.add_metric([], float(connection.llen(f"rq:queue:{settings.queue_name}")))
+            depth.add_metric([], float(connection.llen(queue_key(settings))))
             live = GaugeMetricFamily(
                 "motionguard_workers", "live workers (heartbeat in Redis)", labels=[*labels, "device"]
             )

@@ -17,6 +17,11 @@ def make_queue(connection: Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
 
 
+def queue_key(settings: Settings) -> str:
+    """The Redis list RQ keeps the queued job ids in (what KEDA and the queue-depth gauge read)."""
+    return Queue.redis_queue_namespace_prefix + settings.queue_name
+
+
 def cancel_key(settings: Settings, job_id: str) -> str:
     """Set by ``DELETE /jobs/{id}``; the worker polls it between defence steps."""
     return settings.key("cancel", job_id)
