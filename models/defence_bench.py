@@ -122,7 +122,7 @@ def run_rows(bundle, dataset, rows: list[tuple[str, str, int]], batch: int, stat
         config = defense_config(variant_meta)
         threshold = variant_meta.auto_threshold()
         name = f"{variant}/{mode}"
-        settings = {"config": repr(config), "threshold": threshold}
+        settings = {"config": repr(config), **({"threshold": threshold} if mode == "auto" else {})}
         saved = state["rows"].get(name)
         if saved is None or saved["settings"] != settings:
             saved = state["rows"][name] = {"settings": settings, "clips": {}}
