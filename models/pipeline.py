@@ -215,9 +215,10 @@ class Pipeline(nn.Module):
             trajectory[:, idx] = torch.stack([r.trajectory for r in runs])[pick, :, take].T
             runs_taken = torch.stack([r.steps_taken for r in runs])
             steps_spent[idx] = runs_taken.sum(0)
-            taken, stopped = runs_taken[pick, take], torch.stack([r.stopped for r in runs])[pick, take]
+            runs_stopped = torch.stack([r.stopped for r in runs])
+            taken, stopped = runs_taken[pick, take], runs_stopped[pick, take]
             trajectory_len[idx] = torch.where(stopped, taken.clamp(min=1), taken + 1)
-            all_stopped = torch.stack([r.stopped for r in runs]).all(0)
+            all_stopped = runs_stopped.all(0)
             for j, i in enumerate(idx.tolist()):
                 decisions[i] = "stopped_early" if bool(all_stopped[j]) else "purified"
         return Prediction(
