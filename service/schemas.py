@@ -33,12 +33,15 @@ class ClipResult(BaseModel):
     mc_loss_after: float
     suspected_attack: bool
     mc_trajectory: list[float] = Field(default_factory=list, description="MC loss per defence step")
-    decision: Literal["purified", "stopped_early", "skipped", "off"] = Field(
-        default="off",
+    decision: Literal["purified", "stopped_early", "skipped", "off"] | None = Field(
+        default=None,
         description="purified (all steps), stopped_early (reached the early-stop target), skipped (defend=auto, "
-        "MC loss at or under the threshold: classified as it is), off (defend=false)",
+        "MC loss at or under the threshold: classified as it is), off (defend=false); null in results "
+        "stored before the field existed",
     )
-    defence_steps: int = Field(default=0, description="purification steps spent on the clip (forward + backward each)")
+    defence_steps: int | None = Field(
+        default=None, description="purification steps spent on the clip (forward + backward each)"
+    )
     flow_url: str | None = Field(default=None, description="purified clips: frames + flow before/after (PNG)")
     mc_loss_url: str | None = Field(default=None, description="purified clips: MC loss per defence step (PNG)")
 
