@@ -388,13 +388,14 @@
   }
 
   function describeDecision(clip) {
+    if (!clip.decision) return "–"; // a result stored before decisions were recorded
     const steps = clip.defence_steps || 0;
     const text = {
       purified: "purified",
       stopped_early: "purified, stopped early",
       skipped: "skipped (looked clean)",
       off: "off",
-    }[clip.decision] || "purified";
+    }[clip.decision] || clip.decision;
     return clip.decision === "skipped" || clip.decision === "off" ? text : text + ", " + steps + " step(s)";
   }
 
