@@ -26,14 +26,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def add_bundle_arguments(parser: argparse.ArgumentParser, random_size: int) -> None:
+    """The bundle a service bench serves: the given one, the demo, or random weights of a chosen geometry
+    (read by ``prepare_bench``)."""
+    parser.add_argument("--bundle", type=Path, default=None, help="bundle (default: MOTIONGUARD_BUNDLE_DIR / demo)")
+    parser.add_argument("--random-bundle", action="store_true", help="a random bundle of --random-* geometry")
+    parser.add_argument("--random-frames", type=int, default=16, help="random bundle: frames per clip")
+    parser.add_argument("--random-size", type=int, default=random_size, help="random bundle: clip height and width")
+    parser.add_argument("--random-steps", type=int, default=20, help="random bundle: its default defence steps")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=8, help="measured jobs (after one warm-up job per worker)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (and concurrent clients)")
-    parser.add_argument("--bundle", type=Path, default=None, help="bundle (default: MOTIONGUARD_BUNDLE_DIR / demo)")
-    parser.add_argument("--random-bundle", action="store_true", help="use a random bundle (no demo bundle needed)")
-    parser.add_argument("--random-frames", type=int, default=16, help="random bundle: frames per clip")
-    parser.add_argument("--random-size", type=int, default=128, help="random bundle: clip height and width")
-    parser.add_argument("--random-steps", type=int, default=20, help="random bundle: its default defence steps")
+    add_bundle_arguments(parser, random_size=128)
     parser.add_argument("--steps", type=int, default=None, help="defence steps (default: the bundle's)")
     parser.add_argument("--clips", type=int, default=1, help="clips per uploaded video")
     parser.add_argument("--poll-ms", type=float, default=10.0, help="status polling interval")

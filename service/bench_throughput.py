@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from service.bench_service import add_bundle_arguments
+
 log = logging.getLogger(__name__)
 
 STAGES = ("queue", "decode", "defense", "classify", "figures", "encode", "total")
@@ -49,11 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="a running service (default: start an embedded one per setting)")
     parser.add_argument("--api-key", default=os.environ.get("MOTIONGUARD_BENCH_API_KEY"), help="Bearer key to send")
     parser.add_argument("--device", default=None, help="embedded worker's device: cpu or cuda[:n]")
-    parser.add_argument("--bundle", type=Path, default=None, help="bundle (default: MOTIONGUARD_BUNDLE_DIR / demo)")
-    parser.add_argument("--random-bundle", action="store_true", help="a random bundle of --random-* geometry")
-    parser.add_argument("--random-frames", type=int, default=16, help="random bundle: frames per clip")
-    parser.add_argument("--random-size", type=int, default=224, help="random bundle: clip height and width")
-    parser.add_argument("--random-steps", type=int, default=20, help="random bundle: its default defence steps")
+    add_bundle_arguments(parser, random_size=224)
     parser.add_argument("--out", type=Path, default=None, help="write throughput.json and throughput.png here")
 
 
