@@ -42,8 +42,17 @@ ATTACK_KINDS = (
 DEFENCE_AWARE = ("adaptive1", "adaptive2", "bpda", "through")
 THROUGH_DEFENCE = ("bpda", "through")  # gradients through the purification; the detector option applies
 _DEFAULT_LAMBDA = {"adaptive1": 300.0, "adaptive2": 105.0}  # the paper's strongest (Fig. 8)
-DEFAULT_STEPS = {"pgd": 20, "apgd-ce": 10, "apgd-dlr": 10, "oneframe": 20, "flicker": 300, "adaptive1": 20}
-DEFAULT_STEPS |= {"adaptive2": 20, "bpda": 20, "through": 10}
+DEFAULT_STEPS = {
+    "pgd": 20,
+    "apgd-ce": 10,
+    "apgd-dlr": 10,
+    "oneframe": 20,
+    "flicker": 300,
+    "adaptive1": 20,
+    "adaptive2": 20,
+    "bpda": 20,
+    "through": 10,
+}
 # Transfer attacks check the real defended prediction every this many steps (each check is one
 # defended prediction per clip still open, ~16x an undefended one; the last iterate is always scored).
 DEFAULT_CHECK = {"pgd": 10, "apgd-ce": 5, "apgd-dlr": 5, "oneframe": 10, "adaptive1": 10, "adaptive2": 10}

@@ -72,15 +72,20 @@ accuracy the real 12-update prediction):
   steps differentiably (second order through RAFT, the warp and the MC loss; sign exact forward,
   tanh(g / (tau mean|g|)) backward), identity before them, with the step sizes the defence
   recorded; 10 steps by default.
-- `detector=lambda` (on bpda / through): adds -lambda L_MC(x_adv) while the clip's real MC loss
-  (inference flow) is above 0.9 x threshold, and an iterate only counts as a success if its defended
-  prediction is wrong AND its MC loss is at or under the bundle's threshold (not flagged): a wrong
-  but flagged answer reaches the operator as suspected, so for these rows "correct or flagged" is
-  one minus the attack's success rate.
-- `flagged`: MC loss before any defence (inference flow) over the bundle's calibration threshold
-  (clean p99); `correct or flagged`: defended correct or flagged, the system's outcome.
+- `detector=lambda` (on bpda / through): starts at the clip itself (uniform noise of eps alone gets
+  most clips flagged) and adds -lambda L_MC(x_adv) (2-update flow) to the objective while the clip's
+  real MC loss (inference flow) is above 0.9 x threshold. An iterate only counts as a success if its
+  defended prediction is wrong AND its MC loss is at or under the bundle's threshold (not flagged):
+  a wrong but flagged answer reaches the operator as suspected, so for these rows "correct or
+  flagged" is one minus the attack's success rate.
+- Columns: `undefended` = the undefended model on the row's clip; `defended` = the real defended
+  prediction; `flagged` = MC loss before any defence (inference flow) over the bundle's calibration
+  threshold (clean p99); `correct or flagged` = the system's outcome is not a silent error; AUROC =
+  the row's clips against the clean ones by the MC loss before defence.
 - `worst-case:eps`: on the clips every row of that budget ran on, robust only if the clean clip and
   every attack of the budget leave it defended-correct (AutoAttack-style); correct-or-flagged alike.
+  Clips run clip-major (every row on clip i before clip i+1), so a run stopped early leaves every
+  row on the same first clips.
 - Intervals: 95 % percentile bootstrap over clips (2000 resamples, seed 0). Every clip runs alone
   with a seed derived from (seed, row, clip), deterministic kernels on, so one command gives the same
   JSON twice on one machine (`tests/test_evaluate.py` checks it); another machine may differ in the
