@@ -136,7 +136,12 @@ def test_same_command_twice_gives_identical_json_and_report_merges(random_bundle
     assert main(["eval", "report", str(out), "--readme", str(readme), "--first", "1"]) == 0
     text = readme.read_text()
     assert "old table" not in text and "## Deploy\n\nkept" in text and "worst-case:8" in text
-    assert "| through:8:steps=1:unroll=1 | 2 |" in capsys.readouterr().out
+    merged = capsys.readouterr().out
+    assert "| through:8:steps=1:unroll=1 | 2 |" in merged
+    # A glob over the folder (`eval report DIR/*.json`) also names the run's sidecars: they are skipped.
+    sidecars = [str(out.with_suffix(s)) for s in (".cost.json", ".state.json")]
+    assert main(["eval", "report", str(out), *sidecars, "--readme", str(readme), "--first", "1"]) == 0
+    assert capsys.readouterr().out == merged
 
 
 def test_report_refuses_bad_input(tmp_path, capsys):
@@ -145,6 +150,10 @@ def test_report_refuses_bad_input(tmp_path, capsys):
     assert main(["eval", "report", str(bad)]) == 2
     assert "not a motionguard-eval/2 report" in capsys.readouterr().err
     assert main(["eval", "report", str(tmp_path / "missing.json")]) == 2
+    sidecar = tmp_path / "run.cost.json"
+    sidecar.write_text("{}")
+    assert main(["eval", "report", str(sidecar)]) == 2
+    assert "no eval report among the files" in capsys.readouterr().err
 
 
 def test_replace_section_keeps_the_rest():

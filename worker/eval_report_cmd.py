@@ -16,6 +16,7 @@ from pathlib import Path
 
 HELP = "merge eval JSONs, print the tables, regenerate the README's Robustness section"
 SECTION = "## Robustness"
+SIDECARS = (".cost.json", ".state.json")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
     for path in args.reports:
         if not path.is_file():
             raise UserError(f"{path}: no such file")
+    # A glob such as docs/eval/*.json also names each run's sidecars: they are read beside their report.
+    args.reports = [p for p in args.reports if not p.name.endswith(SIDECARS)]
+    if not args.reports:
+        raise UserError("no eval report among the files (only .cost.json / .state.json sidecars)")
     header, clips, headers = load_reports(args.reports)
     summary = summarise(clips, header["threshold"])
     costs = load_costs(args.reports)
