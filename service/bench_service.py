@@ -52,6 +52,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _first_error(log_path: Path) -> str:
+    """': <the one-line error>' a worker or serve printed (e.g. --device cuda without CUDA), or ''."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "error:" in line:
+            return ": " + line.split("error:", 1)[1].strip()
+    return ""
+
+
 def start_embedded_service(
     work: Path, bundle_dir: Path, workers: int, extra_env: dict[str, str]
 ) -> tuple[subprocess.Popen, str]:
@@ -77,7 +85,7 @@ def start_embedded_service(
     with httpx.Client(base_url=base, timeout=30) as probe:
         while True:
             if server.poll() is not None:
-                raise UserError(f"the service exited early; see {work / 'serve.log'}")
+                raise UserError(f"the service exited early{_first_error(work / 'serve.log')}; see {work / 'serve.log'}")
             try:
                 ready = probe.get("/readyz").json()
                 if ready.get("ready") and ready.get("workers", 0) >= workers:

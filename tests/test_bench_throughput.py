@@ -69,3 +69,15 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert main(["bench", "throughput", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("motionguard: error:") and message in err[0]
+
+
+def test_an_early_exit_of_the_embedded_service_names_the_workers_error(tmp_path):
+    """--device cuda without CUDA ends serve (its worker refuses the device): the bench's error carries
+    the worker's one line, not only a pointer to the log."""
+    from service.bench_service import _first_error
+
+    log = tmp_path / "serve.log"
+    log.write_text("INFO started\nmotionguard: error: device 'cuda' requested but CUDA is not available\nERROR x\n")
+    assert _first_error(log) == ": device 'cuda' requested but CUDA is not available"
+    log.write_text("INFO nothing wrong here\n")
+    assert _first_error(log) == ""
