@@ -1,7 +1,7 @@
 """The model bundle's metadata (``bundle.json``): a plain-JSON contract with no torch import.
 
 The API process reads labels, input geometry and defence defaults from here without loading any
-weights (its image carries no torch); ``models.bundle`` adds the weight loading on top.
+weights (its image carries no torch); ``models.bundle.load`` adds the weight loading on top.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ClassifierSpec(_Strict):
     num_classes: int = Field(ge=2)
     temporal_pool: Literal["port", "mean"] = Field(
         default="mean",
-        description="head before the logits (models/i3d.py): 'port' = the PyTorch I3D port's "
+        description="head before the logits (models/nets/i3d.py): 'port' = the PyTorch I3D port's "
         "AvgPool3d([2,7,7], stride 1) then the mean, 'mean' = uniform average. `bundle create` writes "
         "'port' for imported checkpoints; the default keeps bundles written before the field existed "
         "(all trained with 'mean') computing what they computed",
@@ -65,7 +65,7 @@ class FlowNormalisation(_Strict):
 
 
 class DefenseSpec(_Strict):
-    """The purification's settings (``models.defense.DefenseConfig``; defaults: the paper's
+    """The purification's settings (``models.defense.purify.DefenseConfig``; defaults: the paper's
     Algorithm 1) and when it runs: ``mode`` is the default of ``defend`` (``always``, ``auto``:
     only clips whose MC loss before the defence is above ``threshold``, or ``off``)."""
 

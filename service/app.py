@@ -16,8 +16,8 @@ from redis import Redis
 from models.bundle_meta import read_bundle_meta
 from models.errors import BundleError
 from service import errors, metrics, openapi_contract
-from service.routes_jobs import router as jobs_router
-from service.routes_ops import router as ops_router
+from service.routes.jobs import router as jobs_router
+from service.routes.ops import router as ops_router
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def create_app(settings: Settings | None = None, *, run_recovery: bool = True) -
 def _include_web_page(app: FastAPI) -> None:
     """The web page (``GET /``) lives in its own module, maintained separately; optional here."""
     try:
-        from service.routes_ui import router as ui_router
+        from service.routes.ui import router as ui_router
     except ModuleNotFoundError as exc:
-        if exc.name != "service.routes_ui":
+        if exc.name != "service.routes.ui":
             raise
         return
     app.include_router(ui_router)

@@ -19,23 +19,23 @@ from models.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve", "run the API, N workers and (without MOTIONGUARD_REDIS_URL) an embedded Redis"),
-    "worker": ("worker.main", "run one long-lived model worker"),
-    "classify": ("worker.classify", "classify a video in-process (no Redis)"),
-    "eval": ("worker.evaluate_cmd", "robustness evaluation: attacks x defence table"),
-    "calibrate": ("worker.calibrate_cmd", "clean MC-loss calibration of a bundle"),
-    "bundle": ("models.bundle_cmd", "create or verify a model bundle"),
-    "train-demo": ("models.train_cmd", "train the demo RAFT-small + I3D pair on synthetic motion"),
-    "finetune": ("worker.finetune_cmd", "fine-tune a bundle's classifier on a folder of labelled videos"),
+    "worker": ("worker.cli.worker", "run one long-lived model worker"),
+    "classify": ("worker.cli.classify", "classify a video in-process (no Redis)"),
+    "eval": ("worker.cli.eval", "robustness evaluation: attacks x defence table"),
+    "calibrate": ("worker.cli.calibrate", "clean MC-loss calibration of a bundle"),
+    "bundle": ("worker.cli.bundle", "create or verify a model bundle"),
+    "train-demo": ("worker.cli.train_demo", "train the demo RAFT-small + I3D pair on synthetic motion"),
+    "finetune": ("worker.cli.finetune", "fine-tune a bundle's classifier on a folder of labelled videos"),
 }
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "flow": ("models.benchmark", "video RAFT vs torchvision's pairwise calls"),
-    "defence": ("models.defence_bench", "defence variants x modes on clean clips: steps, s/clip, MC loss, top-1"),
-    "auto-threshold": ("models.auto_threshold", "defend=auto vs always on stored eval rows, per threshold"),
-    "service": ("service.bench_service", "end-to-end latency and service overhead"),
-    "load": ("service.bench_load", "upload/poll load against a running service"),
-    "throughput": ("service.bench_throughput", "clips/s and latency of the batching worker at several batch limits"),
-    "autoscale": ("service.bench_autoscale", "queue-driven autoscaling (KEDA's rule) vs fixed fleets, simulated"),
+    "flow": ("worker.cli.bench_flow", "video RAFT vs torchvision's pairwise calls"),
+    "defence": ("worker.cli.bench_defense", "defence variants x modes on clean clips: steps, s/clip, MC loss, top-1"),
+    "auto-threshold": ("worker.cli.bench_auto_threshold", "defend=auto vs always on stored eval rows, per threshold"),
+    "service": ("service.bench.service", "end-to-end latency and service overhead"),
+    "load": ("service.bench.load", "upload/poll load against a running service"),
+    "throughput": ("service.bench.throughput", "clips/s and latency of the batching worker at several batch limits"),
+    "autoscale": ("service.bench.autoscale", "queue-driven autoscaling (KEDA's rule) vs fixed fleets, simulated"),
 }
 
 

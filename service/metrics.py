@@ -3,7 +3,7 @@
 One registry per process (``REGISTRY``); ``/metrics`` serves it. Names follow the design. Worker
 figures carry the ``model``/``version`` of the bundle the worker ran; live workers come from their
 heartbeats; the drift gauges (KS distance of each bundle's recent window against its clean
-calibration) come from ``worker.drift``.
+calibration) come from ``worker.monitoring.drift``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections import Counter as Counter_
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from worker import metrics as worker_metrics
-from worker.drift import drift_families
+from worker.monitoring import metrics as worker_metrics
+from worker.monitoring.drift import drift_families
 from worker.queueing import queue_key
-from worker.rq_worker import live_workers
+from worker.serving.model_worker import live_workers
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ MODEL_INFO = Gauge("motionguard_model_info", "the bundle this service serves", [
 
 
 class RedisAggregates:
-    """Collector for what the workers record in Redis (``worker.metrics``) and the queue depth."""
+    """Collector for what the workers record in Redis (``worker.monitoring.metrics``) and the queue depth."""
 
     def __init__(self, app_state):
         self.state = app_state

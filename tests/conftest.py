@@ -33,7 +33,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def random_bundle(tmp_path_factory) -> Path:
     """A tiny randomly initialised bundle: 4 frames, 64x64, 3 classes, 2 defence steps."""
-    from models.bundle import make_random_bundle
+    from models.bundle.load import make_random_bundle
 
     return make_random_bundle(tmp_path_factory.mktemp("bundle") / "random")
 
@@ -192,7 +192,7 @@ class WorkerPool:
     def live(self) -> list[dict]:
         from redis import Redis
 
-        from worker.rq_worker import live_workers
+        from worker.serving.model_worker import live_workers
         from worker.settings import Settings
 
         settings = Settings(redis_url=self.env["MOTIONGUARD_REDIS_URL"], key_prefix=self.env["MOTIONGUARD_KEY_PREFIX"])

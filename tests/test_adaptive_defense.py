@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.defence_mode import parse_mode
-from models.defense import DefenseConfig, descent_step, purify
-from models.flow import build_video_raft
+from models.defense.purify import DefenseConfig, descent_step, purify
+from models.defense_mode import parse_mode
+from models.nets.flow import build_video_raft
 
 from helpers_video import translating_clip
 
@@ -21,7 +21,7 @@ def flow_model():
 
 @pytest.fixture(scope="module")
 def pipeline(random_bundle):
-    from models.bundle import load_bundle
+    from models.bundle.load import load_bundle
 
     return load_bundle(random_bundle).pipeline
 
@@ -63,7 +63,7 @@ def test_iterates_replay_exactly_and_best_is_chosen(flow_model, config):
 
 
 def test_schedules():
-    from models.defense import _next_step_sizes
+    from models.defense.purify import _next_step_sizes
 
     step = torch.full((2,), 2 / 255)
     since_best = torch.tensor([2, 1])  # clip 0: no improvement for `patience` steps, clip 1: one step
@@ -156,7 +156,7 @@ def test_auto_skips_clips_under_the_threshold_and_purifies_the_others(pipeline):
 def test_keep_best_never_reports_a_higher_mc_loss():
     """On the demo bundle's clean clips the paper's fixed sign step raises the MC loss (issue 18's
     finding); the best iterate plus the final check with the inference flow never does."""
-    from models.bundle import load_bundle
+    from models.bundle.load import load_bundle
     from models.data import MotionShapes
 
     pipeline = load_bundle().pipeline
@@ -184,7 +184,7 @@ def test_restarts_vote_and_count_their_steps(pipeline):
 def test_bundle_defense_section(random_bundle, tmp_path):
     import shutil
 
-    from models.bundle import defense_config, load_bundle, parse_variant, with_defense
+    from models.bundle.load import defense_config, load_bundle, parse_variant, with_defense
     from models.bundle_meta import Calibration, read_bundle_meta, write_bundle_meta
     from models.errors import BundleError
 
@@ -255,8 +255,8 @@ def test_auto_threshold_derivation(tmp_path, capsys):
     undefended at or under it; the clean row gives auto's cost."""
     import json
 
-    from models.auto_threshold import quantile, row_outcomes
     from service.cli import main
+    from worker.cli.bench_auto_threshold import quantile, row_outcomes
 
     records = [
         {"standard": True, "defended": False, "mc_before": 0.01},  # clean-looking: auto keeps it as it is

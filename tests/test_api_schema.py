@@ -116,7 +116,7 @@ def test_enforced_bounds_are_declared(random_bundle):
     assert params["top_k"]["maximum"] == 7 and params["top_k"]["minimum"] == 1
     assert params["steps"]["maximum"] == 30 and params["steps"]["minimum"] == 0
     assert params["epsilon"]["maximum"] == 0.1 and params["epsilon"]["exclusiveMinimum"] == 0
-    from models.defence_mode import parse_mode
+    from models.defense_mode import parse_mode
 
     assert {parse_mode(v) for v in params["defend"]["enum"]} == {"always", "off", "auto"}  # demo: calibrated
     uncalibrated = create_app(Settings(bundle_dir=random_bundle)).openapi()["paths"]["/classify"]["post"]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import attacks
-from models.attack_spec import AttackSpec, parse_attack, run_attack
-from models.attacks_defended import defended_forward, defended_objective, defended_pgd, replay
-from models.bundle import load_bundle
+from models.bundle.load import load_bundle
+from models.robustness import attacks
+from models.robustness.spec import AttackSpec, parse_attack, run_attack
+from models.robustness.through import defended_forward, defended_objective, defended_pgd, replay
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_flicker_is_a_uniform_colour_shift_per_frame(setup):
 
 
 @pytest.mark.parametrize("spec", ["adaptive1:8:steps=2", "adaptive2:8:steps=2", "bpda:8:steps=1"])
-def test_defence_aware_attacks_respect_budget(setup, spec):
+def test_defense_aware_attacks_respect_budget(setup, spec):
     pipeline, x, y = setup
     x_adv = run_attack(parse_attack(spec), pipeline, x[:1], y[:1]).x
     assert (x_adv - x[:1]).abs().max().item() <= 8 / 255 + 1e-6
@@ -93,7 +93,7 @@ def test_defended_forward_is_the_real_prediction_and_replay_is_exact(setup):
     assert unrolled.abs().sum() > 0 and not torch.allclose(unrolled, identity)
 
 
-def test_through_attack_respects_budget_and_its_check_is_the_real_defence(setup):
+def test_through_attack_respects_budget_and_its_check_is_the_real_defense(setup):
     pipeline, x, y = setup
     tracker = defended_pgd(pipeline, x[:2], y[:2], 8 / 255, steps=1, unroll=1)
     assert (tracker.kept - x[:2]).abs().max().item() <= 8 / 255 + 1e-6 and not torch.equal(tracker.kept, x[:2])

@@ -1,4 +1,4 @@
-"""The batching worker (``worker.batching``) against a real Redis and real ``motionguard worker``
+"""The batching worker (``worker.serving.batching``) against a real Redis and real ``motionguard worker``
 processes: jobs gathered into one batch each end on their own (result, failure, cancellation,
 timeout), clips with different defence settings run as separate batches, batching does not change
 a clip's result, and a SIGKILLed batching worker's jobs are all requeued and run exactly once more.
@@ -66,8 +66,8 @@ def _videos(tmp_path: Path, count: int) -> list[Path]:
 def test_one_batch_many_results_equal_to_one_job_at_a_time(batch_stack, random_bundle, tmp_path):
     """Five jobs queued together: an undecodable upload fails alone (invalid_video); the steps=1 and
     steps=2 jobs run as two batches of two jobs; every clip's result is what the job gets alone."""
-    from models.bundle import load_bundle
-    from worker.inference import analyse_video
+    from models.bundle.load import load_bundle
+    from worker.serving.inference import analyse_video
 
     videos = _videos(tmp_path, 4)
     garbage = tmp_path / "garbage.mp4"
@@ -183,7 +183,7 @@ def test_clips_of_an_ended_job_leave_the_purification(random_bundle):
     gradient steps (the batch shrinks); the other clip runs every step, unchanged by the leaving."""
     import torch
 
-    from models.bundle import load_bundle
+    from models.bundle.load import load_bundle
 
     pipeline = load_bundle(random_bundle).pipeline
     clips = torch.rand(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""The autoscaling simulation (service/autoscale_sim.py) follows KEDA's rule, and the bench command
+"""The autoscaling simulation (service/bench/autoscale_sim.py) follows KEDA's rule, and the bench command
 writes its report and pictures. Pure Python: no Redis, no torch."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.autoscale_sim import KedaRule, burst_trace, day_trace, simulate
+from service.bench.autoscale_sim import KedaRule, burst_trace, day_trace, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = KedaRule(list_length=2, startup_s=30.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.bench_throughput import _ratios, plot, summarise
+from service.bench.throughput import _ratios, plot, summarise
 from service.cli import main
 
 
@@ -74,7 +74,7 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 def test_an_early_exit_of_the_embedded_service_names_the_workers_error(tmp_path):
     """--device cuda without CUDA ends serve (its worker refuses the device): the bench's error carries
     the worker's one line, not only a pointer to the log."""
-    from service.bench_service import _first_error
+    from service.bench.service import _first_error
 
     log = tmp_path / "serve.log"
     log.write_text("INFO started\nmotionguard: error: device 'cuda' requested but CUDA is not available\nERROR x\n")

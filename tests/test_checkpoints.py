@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-from models.bundle import load_bundle
-from models.checkpoints import load_i3d_weights, load_raft_weights, read_state_dict
+from models.bundle.load import load_bundle
 from models.errors import BundleError
-from models.flow import build_raft
-from models.i3d import build_i3d
+from models.nets.checkpoints import load_i3d_weights, load_raft_weights, read_state_dict
+from models.nets.flow import build_raft
+from models.nets.i3d import build_i3d
 
 
 def to_original_release(state: dict, arch: str) -> dict:
@@ -116,7 +116,7 @@ def test_bundle_create_records_flow_conventions_and_port_pooling(tmp_path, capsy
     the loaded pipeline computes with exactly those (checked against a hand-written reference)."""
     import json
 
-    from models.bundle import make_random_bundle
+    from models.bundle.load import make_random_bundle
     from service.cli import main
 
     src = make_random_bundle(tmp_path / "src", frames=3, num_classes=3, i3d_width=0.125)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.defense import DefenseConfig, purify
-from models.flow import build_video_raft
+from models.defense.purify import DefenseConfig, purify
+from models.nets.flow import build_video_raft
 
 from helpers_video import translating_clip
 
@@ -50,7 +50,7 @@ def test_overrides_keep_unset_fields():
 
 
 def test_pipeline_predict(random_bundle):
-    from models.bundle import load_bundle
+    from models.bundle.load import load_bundle
 
     pipeline = load_bundle(random_bundle).pipeline
     clip = torch.rand(2, 4, 3, 64, 64)

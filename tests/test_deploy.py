@@ -354,7 +354,7 @@ def test_api_process_imports_without_torch():
     if importlib.util.find_spec("service.app") is None:
         pytest.skip("service/app.py does not exist yet")
     code = BLOCK_MODEL_STACK.format(blocked=set(MODEL_STACK)) + (
-        "import service.app, service.cli, worker.drift\n"
+        "import service.app, service.cli, worker.monitoring.drift\n"
         "from service.cli import build_parser\n"
         "build_parser().parse_args(['serve', '--workers', '0'])\n"
         "assert not any(m.split('.')[0] in {'torch', 'torchvision', 'matplotlib'} for m in sys.modules)\n"

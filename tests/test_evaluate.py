@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from models.attack_spec import parse_attack
-from models.bundle import load_bundle
-from models.eval_report import auroc, bootstrap_ci, sanity_checks, summarise, worst_case
-from models.evaluate import clip_seed, evaluate, plan_rows
+from models.bundle.load import load_bundle
+from models.robustness.evaluate import clip_seed, evaluate, plan_rows
+from models.robustness.report import auroc, bootstrap_ci, sanity_checks, summarise, worst_case
+from models.robustness.spec import parse_attack
 from service.cli import main
-from worker.eval_report_cmd import replace_section
+from worker.cli.eval_report import replace_section
 
 
 def _rec(defended: bool, mc: float = 0.01, standard: bool = False) -> dict:

@@ -1,4 +1,4 @@
-"""worker.figures: the per-clip flow strip and MC-loss plot are valid, sized, deterministic PNGs."""
+"""worker.serving.figures: the per-clip flow strip and MC-loss plot are valid, sized, deterministic PNGs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.figures import clip_figures, flow_images, flow_strip_png, mc_loss_png, pick_indices
+from worker.serving.figures import clip_figures, flow_images, flow_strip_png, mc_loss_png, pick_indices
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

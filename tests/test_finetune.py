@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from models.bundle_meta import DEFAULT_BUNDLE_DIR
-from models.classifier_fit import FitConfig, fit_classifier
 from models.errors import UserError
-from models.finetune import split_by_video
+from models.training.classifier_fit import FitConfig, fit_classifier
+from models.training.finetune import split_by_video
 from service.cli import main
-from worker.synthetic_videos import write_motionshapes_videos
+from worker.cli.synthetic_videos import write_motionshapes_videos
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -83,9 +83,9 @@ def test_held_out_accuracy_and_calibration_are_the_bundles_own(tuned, tmp_path):
     equal what the written bundle computes from the videos afresh (decoded as the service does)."""
     import shutil
 
-    from models.bundle import load_bundle
-    from models.calibrate import calibrate_bundle
-    from worker.finetune_cmd import decode_folder, scan_folder
+    from models.bundle.load import load_bundle
+    from models.defense.calibrate import calibrate_bundle
+    from worker.cli.finetune import decode_folder, scan_folder
 
     root, bundle, report = tuned
     loaded = load_bundle(bundle)

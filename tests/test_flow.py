@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.flow import DIRECTIONS, build_video_raft, pair_indices, pairwise_flows
+from models.nets.flow import DIRECTIONS, build_video_raft, pair_indices, pairwise_flows
 
 
 @pytest.mark.parametrize(

@@ -318,7 +318,7 @@ def test_queue_payloads_are_json_never_pickle(api, service_env, tmp_path):
     fields = connection.hgetall(f"rq:job:{job_id}")
     data = json.loads(zlib.decompress(fields[b"data"]))
     # No defend= in the upload: None, the worker applies the bundle's (or the settings') default mode.
-    assert data[0] == "worker.jobs.analyse_job" and data[2] == [
+    assert data[0] == "worker.serving.jobs.analyse_job" and data[2] == [
         {"defend": None, "top_k": 5, "multi": None, "steps": 1, "epsilon": None}
     ]
     assert json.loads(fields[b"meta"])["owner"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.bundle_meta import FlowNormalisation
-from models.i3d import build_i3d, flow_to_classifier_input
+from models.nets.i3d import build_i3d, flow_to_classifier_input
 
 
 @pytest.mark.parametrize(("frames", "size"), [(7, 64), (8, 112), (16, 224)])

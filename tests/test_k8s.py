@@ -316,7 +316,7 @@ def test_scaled_object_bounds(docs):
 
 def test_autoscale_bench_defaults_are_the_manifest():
     """`motionguard bench autoscale` simulates, by default, the rule the base (cpu) overlay deploys."""
-    from service.autoscale_sim import KedaRule
+    from service.bench.autoscale_sim import KedaRule
 
     scaled = find(render("cpu"), "ScaledObject")["spec"]
     behavior = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.mc_loss import backward_warp, mc_loss, photometric_loss, smoothness_loss
+from models.defense.mc_loss import backward_warp, mc_loss, photometric_loss, smoothness_loss
 
 from helpers_video import translating_clip
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.drift import (
+from worker.monitoring.drift import (
     DRIFT_ALERT_THRESHOLD,
     DRIFT_MIN_CLIPS,
     DriftCollector,
@@ -192,7 +192,7 @@ def test_worker_records_reach_the_api_collector_per_bundle(redis_client):
 
     from models.bundle_meta import Calibration
     from service.metrics import RedisAggregates
-    from worker.metrics import record_job
+    from worker.monitoring.metrics import record_job
     from worker.settings import Settings
 
     client, prefix = redis_client
@@ -478,9 +478,9 @@ def _calibrate(bundle_dir: Path, videos: list[Path]) -> list[float]:
     """Clean calibration through the worker's own code path (decode, cut, MC loss before defence)."""
     import statistics
 
-    from models.bundle import load_bundle
+    from models.bundle.load import load_bundle
     from models.bundle_meta import Calibration, read_bundle_meta, write_bundle_meta
-    from worker.inference import analyse_video
+    from worker.serving.inference import analyse_video
 
     bundle = load_bundle(bundle_dir)
     sample = []
@@ -609,12 +609,14 @@ def _alert_expr(name: str) -> str:
 def _service_missing() -> bool:
     import importlib.util
 
-    return any(importlib.util.find_spec(name) is None for name in ("service.serve", "service.app", "worker.main"))
+    return any(importlib.util.find_spec(name) is None for name in ("service.serve", "service.app", "worker.cli.worker"))
 
 
 @pytest.mark.integration
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus server absent (Debian package 'prometheus')")
-@pytest.mark.skipif(_service_missing(), reason="the service (service.serve, service.app, worker.main) is not built yet")
+@pytest.mark.skipif(
+    _service_missing(), reason="the service (service.serve, service.app, worker.cli.worker) is not built yet",
+)
 def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
     """Clean clips keep the drift alert expression empty; a burst of attacked clips makes it fire."""
     import os
@@ -628,7 +630,7 @@ def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
         redis.Redis.from_url(redis_url, socket_connect_timeout=0.5).ping()
     except redis.RedisError as exc:
         pytest.skip(f"no Redis at 127.0.0.1:6379: {exc}")
-    from models.bundle import make_random_bundle
+    from models.bundle.load import make_random_bundle
 
     t_start = time.monotonic()
     bundle_dir = make_random_bundle(tmp_path / "bundle")

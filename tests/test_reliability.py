@@ -184,7 +184,7 @@ def _enqueue_direct(settings, video: Path, job_id: str, owner_key: str = "key-al
     upload_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(video, upload_path(settings, job_id))
     make_queue(Redis.from_url(settings.redis_url), settings).enqueue(
-        "worker.jobs.analyse_job",
+        "worker.serving.jobs.analyse_job",
         {"defend": True, "steps": 1, "top_k": 2},
         job_id=job_id,
         job_timeout=300,
@@ -238,7 +238,7 @@ HEARTBEAT_TTL_S, RECOVERY_INTERVAL_S = 3, 0.5
 RETRY_BOUND_S = HEARTBEAT_TTL_S + RECOVERY_INTERVAL_S + 5
 
 
-# The fault tests run twice: workers taking one job at a time, and batching workers (worker.batching).
+# The fault tests run twice: workers taking one job at a time, and batching workers (worker.serving.batching).
 BATCHING = [
     pytest.param({}, id="one-job"),
     pytest.param({"max_batch_clips": 4, "max_batch_delay_ms": 200}, id="batching"),
@@ -457,7 +457,8 @@ def test_keys_compared_in_constant_time_and_ids_unguessable():
     import ast
     import inspect
 
-    from service import deps, routes_jobs
+    from service import deps
+    from service.routes import jobs as routes_jobs
 
     source = inspect.getsource(deps.require_owner)
     assert "hmac.compare_digest(" in source or "secrets.compare_digest(" in source
@@ -479,8 +480,8 @@ def test_bench_load_driver_accounts_for_every_accepted_job(api, tmp_path):
     with a result, and the counts add up."""
     import argparse
 
-    from service.bench_load import drive
-    from service.bench_service import _make_video
+    from service.bench.load import drive
+    from service.bench.service import _make_video
 
     _make_video(tmp_path / "load.mp4", 4, 64, 64)
     args = argparse.Namespace(concurrency=3, requests=6, steps=0, clips=1, timeout=240.0, poll_ms=100.0)

@@ -190,7 +190,7 @@ def test_undecodable_job_fails_and_worker_keeps_serving(api, service_env, tmp_pa
     from service.deps import owner_of
 
     make_queue(connection, settings).enqueue(
-        "worker.jobs.analyse_job", {"defend": True}, job_id=job_id, meta={"owner": owner_of("key-alice")}
+        "worker.serving.jobs.analyse_job", {"defend": True}, job_id=job_id, meta={"owner": owner_of("key-alice")}
     )
     body = wait_done(api, job_id)
     assert body["status"] == "failed" and body["error"]["code"] == "invalid_video"

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import demo_bundle, train_common, train_i3d, train_raft
+from models.bundle import demo as demo_bundle
 from models.data import CLASSES, make_clip
 from models.errors import UserError
+from models.training import common as train_common
+from models.training import i3d as train_i3d
+from models.training import raft as train_raft
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -97,7 +100,7 @@ def test_flip_flows_maps_labels():
 
 
 def test_i3d_loss_decreases_on_a_tiny_batch():
-    from models.i3d import build_i3d, flow_to_classifier_input
+    from models.nets.i3d import build_i3d, flow_to_classifier_input
 
     torch.manual_seed(0)
     model = build_i3d(len(CLASSES), width=0.125)
@@ -143,7 +146,7 @@ def test_i3d_training_caches_flows_checkpoints_and_resumes(raft_run: Path):
 def test_defended_flows_are_the_purified_clips_flows(raft_run: Path, tmp_path: Path):
     """The "defended" cache holds RAFT's flow of each clip after the default purification: the same
     as running purify then RAFT by hand, and not the clean clip's flow."""
-    from models.defense import DefenseConfig, purify
+    from models.defense.purify import DefenseConfig, purify
 
     cfg = train_i3d.I3DTrainConfig(run_dir=tmp_path, frames=3, chunk=2, flow_batch=1, flow_updates=2, loader_workers=1)
     video_raft = train_i3d.load_trained_raft(raft_run)
@@ -160,7 +163,7 @@ def test_defended_flows_are_the_purified_clips_flows(raft_run: Path, tmp_path: P
 
 
 def test_bundle_demo_calibrates_and_records_training(raft_run: Path, tmp_path: Path):
-    from models.bundle import load_bundle
+    from models.bundle.load import load_bundle
 
     train_i3d.train_i3d(_i3d_cfg(raft_run, 1))
     out = demo_bundle.bundle_demo(
@@ -175,7 +178,7 @@ def test_bundle_demo_calibrates_and_records_training(raft_run: Path, tmp_path: P
 
 
 def test_summarise_quantiles_and_threshold():
-    from models.calibrate import summarise
+    from models.defense.calibrate import summarise
 
     cal = summarise([float(i) for i in range(101)] + [float("nan")], threshold_quantile=0.95, sample_size=11)
     assert cal.n == 101 and cal.quantiles["p50"] == pytest.approx(50) and cal.quantiles["p99"] == pytest.approx(99)
@@ -192,7 +195,7 @@ def _cli(*argv: str) -> int:
 
 
 def test_bundle_cli_create_verify_and_refusals(tmp_path: Path, capsys):
-    from models.bundle import make_random_bundle
+    from models.bundle.load import make_random_bundle
 
     src = make_random_bundle(tmp_path / "src", frames=3, num_classes=3, i3d_width=0.125)
     labels = tmp_path / "labels.txt"
@@ -239,7 +242,7 @@ def test_bundle_cli_create_verify_and_refusals(tmp_path: Path, capsys):
 
 
 def test_bundle_test_cli_measures_epe_and_accuracy(tmp_path: Path, capsys):
-    from models.bundle import make_random_bundle
+    from models.bundle.load import make_random_bundle
 
     bundle = make_random_bundle(tmp_path / "b", frames=3, num_classes=len(CLASSES), i3d_width=0.125, steps=1)
     assert _cli("bundle", "test", str(bundle), "--split", "val", "--n", "3", "--defended-n", "2") == 0
@@ -252,7 +255,7 @@ def test_bundle_test_cli_measures_epe_and_accuracy(tmp_path: Path, capsys):
 
 
 def test_calibrate_cli_on_synthetic_split(tmp_path: Path, capsys):
-    from models.bundle import make_random_bundle
+    from models.bundle.load import make_random_bundle
     from models.bundle_meta import read_bundle_meta
 
     bundle = make_random_bundle(tmp_path / "b", frames=3, num_classes=len(CLASSES), i3d_width=0.125)

@@ -1,4 +1,4 @@
-"""worker.inference + ``motionguard classify`` on a tiny random bundle (no Redis)."""
+"""worker.serving.inference + ``motionguard classify`` on a tiny random bundle (no Redis)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from worker.video import decode_video, read_frames
 
 @pytest.fixture(scope="module")
 def bundle(random_bundle):
-    from models.bundle import load_bundle
+    from models.bundle.load import load_bundle
 
     return load_bundle(random_bundle)
 
 
 def test_analyse_video_defended(tmp_path, bundle):
-    from worker.inference import analyse_video
+    from worker.serving.inference import analyse_video
 
     path = write_video(tmp_path / "v.mp4", count=10, height=80, width=96)
     result, frames = analyse_video(path, bundle, defend=True, top_k=2, steps=2)
@@ -41,7 +41,7 @@ def test_analyse_video_defended(tmp_path, bundle):
 
 
 def test_analyse_video_undefended_is_identity(tmp_path, bundle):
-    from worker.inference import analyse_video
+    from worker.serving.inference import analyse_video
 
     path = write_video(tmp_path / "v.mp4", count=4, height=64, width=64)
     result, frames = analyse_video(path, bundle, defend=False)

@@ -43,7 +43,7 @@ def test_dead_worker_job_requeued_then_failed(setup):
     job_id = uuid.uuid4().hex
     upload_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
     upload_path(settings, job_id).write_bytes(b"video")
-    job = queue.enqueue("worker.jobs.analyse_job", {"defend": True}, job_id=job_id, meta={"worker": "w1"})
+    job = queue.enqueue("worker.serving.jobs.analyse_job", {"defend": True}, job_id=job_id, meta={"worker": "w1"})
 
     _start(connection, queue, job, expires_in=60)
     assert recover_dead_jobs(connection, settings) == []  # heartbeat still fresh
@@ -66,7 +66,7 @@ def test_dead_worker_job_requeued_then_failed(setup):
 
 def test_finished_job_with_stale_entry_is_left_alone(setup):
     settings, connection, queue = setup
-    job = queue.enqueue("worker.jobs.analyse_job", {}, job_id=uuid.uuid4().hex)
+    job = queue.enqueue("worker.serving.jobs.analyse_job", {}, job_id=uuid.uuid4().hex)
     _start(connection, queue, job, expires_in=-1)
     job.set_status(JobStatus.FINISHED)
     assert recover_dead_jobs(connection, settings) == []

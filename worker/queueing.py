@@ -9,7 +9,7 @@ from rq.serializers import JSONSerializer
 from worker.settings import Settings
 
 # Enqueued by name: the API never imports the job function (it pulls in torch).
-JOB_FUNCTION = "worker.jobs.analyse_job"
+JOB_FUNCTION = "worker.serving.jobs.analyse_job"
 
 
 def make_queue(connection: Redis, settings: Settings) -> Queue:

@@ -2,7 +2,7 @@
 
 RQ only notices an abandoned job when its started-registry entry expires, and a non-forking
 worker registers it with the whole job timeout (rq issues #2015, #2424, #507). Our workers keep the
-entry alive with a short TTL from a heartbeat thread (``worker.rq_worker``), so an entry that
+entry alive with a short TTL from a heartbeat thread (``worker.serving.model_worker``), so an entry that
 expires means the process is gone. This scan runs in every worker and in the API; a Redis lock
 makes one of them act at a time. Torch-free.
 """
@@ -20,7 +20,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.utils import parse_composite_key
 
-from worker import metrics
+from worker.monitoring import metrics
 from worker.periodic import PeriodicThread
 from worker.queueing import make_queue
 from worker.settings import Settings

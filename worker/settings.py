@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: int = Field(default=5, ge=2)
     recovery_interval_s: float = Field(default=1.0, gt=0)
 
-    # Batching worker (worker.batching): clips of several queued jobs purified as one batch
+    # Batching worker (worker.serving.batching): clips of several queued jobs purified as one batch
     max_batch_clips: int = Field(default=1, ge=1, description="clips per batch across jobs (1: one job at a time)")
     max_batch_delay_ms: float = Field(default=10.0, ge=0, description="longest wait for more jobs to fill a batch")
     clip_figures: bool = Field(
@@ -112,7 +112,7 @@ class Settings(BaseSettings):
 
     @property
     def bundle_overrides(self) -> dict:
-        """What these settings change in a loaded bundle (``models.bundle.load_bundle`` keywords)."""
+        """What these settings change in a loaded bundle (``models.bundle.load.load_bundle`` keywords)."""
         return {"mode": self.defense_mode, "threshold": self.defense_threshold}
 
     def key(self, *parts: str) -> str:

@@ -26,7 +26,7 @@ RESTORED_FORMATS: dict[str, tuple[str, str]] = {
     "ffv1": ("restored.mkv", "video/x-matroska"),
     "npz": ("restored.npz", "application/octet-stream"),
 }
-# Pictures of a defended clip (worker.figures), served at /jobs/{id}/clips/{index}/{name}
+# Pictures of a defended clip (worker.serving.figures), served at /jobs/{id}/clips/{index}/{name}
 FIGURE_URL_KEYS: dict[str, str] = {"flow.png": "flow_url", "mc_loss.png": "mc_loss_url"}
 
 

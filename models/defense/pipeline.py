@@ -1,0 +1,241 @@
+"""Flow model + flow-stream classifier + defence as one object: H(G(purify(X))).
+
+The worker, ``motionguard classify`` and the evaluation all go through ``Pipeline`` so the
+prediction path is the same everywhere (and the attacks differentiate the same functions).
+``predict`` also decides per clip whether to purify (``defend="auto"``: only clips whose MC loss
+before the defence is above the bundle's threshold) and reports what it did with each clip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from models.bundle_meta import FlowNormalisation
+from models.defense.mc_loss import mc_loss
+from models.defense.purify import DefenseConfig, PurifyResult, purify
+from models.defense_mode import DefendMode, parse_mode
+from models.nets.flow import VideoRAFT
+from models.nets.i3d import flow_to_classifier_input
+
+Decision = Literal["purified", "stopped_early", "skipped", "off"]
+
+
+@dataclass
+class Prediction:
+    probs: Tensor  # (B, C) softmax of the clip logits
+    logits: Tensor  # (B, C)
+    restored: Tensor  # (B, T, 3, H, W): the purified clip (the input itself when not defended)
+    mc_before: Tensor  # (B,) MC loss of the input, with the inference flow
+    mc_after: Tensor  # (B,) MC loss of the restored clip (== mc_before when not defended)
+    trajectory: Tensor  # (K + 1, B) MC loss over the defence steps (gradient-mode flow); (1, B) if not defended
+    defended: bool  # the mode was not "off"
+    flows_before: Tensor | None = None  # (B, T-1, 2, H, W), when keep_flows
+    flows_after: Tensor | None = None
+    decisions: list[Decision] = field(default_factory=list)  # per clip: what the defence did
+    defence_steps: Tensor | None = None  # (B,) long: gradient evaluations spent (all restarts)
+    reverted: Tensor | None = None  # (B,) bool: purified, but the input came back (keep_best's final check)
+    purified: Tensor | None = None  # (B,) bool: the clips that went through the purification
+    runs: list[PurifyResult] = field(default_factory=list)  # one per restart, over clip[purified]
+
+    trajectory_len: Tensor | None = None  # (B,) long: how many of the trajectory's values clip i reached
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time: "classify" (inference passes), "defense"
+
+    def trajectory_of(self, i: int) -> list[float]:
+        """Clip ``i``'s MC loss at x_0 .. the last iterate it reached (one value when not purified)."""
+        length = int(self.trajectory_len[i]) if self.trajectory_len is not None else self.trajectory.shape[0]
+        return [float(v) for v in self.trajectory[:length, i]]
+
+
+class Pipeline(nn.Module):
+    """``predict(clip, defend=...)`` and the differentiable pieces the attacks need."""
+
+    def __init__(
+        self,
+        flow_model: VideoRAFT,
+        classifier: nn.Module,
+        *,
+        defense: DefenseConfig | None = None,
+        flow_norm: FlowNormalisation | None = None,
+        updates_infer: int = 12,
+        threshold: float | None = None,
+        default_mode: DefendMode = "always",
+    ):
+        super().__init__()
+        self.flow_model = flow_model
+        self.classifier = classifier
+        self.defense = defense or DefenseConfig()
+        self.flow_norm = flow_norm or FlowNormalisation()
+        self.updates_infer = updates_infer
+        self.threshold = threshold  # the MC loss above which defend="auto" purifies a clip
+        self.default_mode: DefendMode = default_mode
+        self.eval()
+        # Gradients are only ever taken with respect to pixels.
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def classify_flows(self, flows: Tensor) -> Tensor:
+        """Clip logits (B, C) from forward flows (B, T-1, 2, H, W)."""
+        return self.classifier(flow_to_classifier_input(flows, self.flow_norm))
+
+    def logits(self, clip: Tensor, flow_updates: int | None = None) -> Tensor:
+        """H(G(X)), differentiable w.r.t. the clip; attacks pass flow_updates=2 (paper, App. A.1)."""
+        flows = self.flow_model(clip, flow_updates or self.updates_infer)["forward"]
+        return self.classify_flows(flows)
+
+    def mc_loss_of(self, clip: Tensor, flows: dict[str, Tensor], config: DefenseConfig | None = None) -> Tensor:
+        config = config or self.defense
+        return mc_loss(
+            clip,
+            flows,
+            similarity=config.similarity,
+            lambda_smooth=config.lambda_smooth,
+            edge_lambda=config.edge_lambda,
+        )
+
+    @torch.no_grad()
+    def _infer(self, clip: Tensor, config: DefenseConfig) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference flow (all constraints the config uses), MC loss and logits of a clip."""
+        flows = self.flow_model(clip, self.updates_infer, config.directions)
+        return flows["forward"], self.mc_loss_of(clip, flows, config), self.classify_flows(flows["forward"])
+
+    def _infer_moved(
+        self, clip: Tensor, restored: Tensor, config: DefenseConfig, flows: Tensor, mc: Tensor, logits: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``_infer`` of the restored clips, reusing the input's figures for the ones that did not move
+        (a clip stopped before its first step, or kept its start as its best iterate)."""
+        moved = (restored != clip).flatten(1).any(1)
+        flows, mc, logits = flows.clone(), mc.clone(), logits.clone()
+        if moved.any():
+            flows[moved], mc[moved], logits[moved] = self._infer(restored[moved], config)
+        return restored, flows, mc, logits
+
+    def predict(
+        self,
+        clip: Tensor,
+        defend: bool | DefendMode = True,
+        *,
+        steps: int | None = None,
+        epsilon: float | None = None,
+        multi: bool | None = None,
+        keep_flows: bool = False,
+        on_step: Callable[[int, Tensor], None] | None = None,
+        leave: Callable[[], Tensor | None] | None = None,
+        config: DefenseConfig | None = None,
+        threshold: float | None = None,
+        keep_iterates: bool = False,
+    ) -> Prediction:
+        """Classify a batch of clips (B, T, 3, H, W) in [0, 1], deciding per clip whether to purify.
+
+        ``defend``: ``True``/"always" purifies every clip, ``False``/"off" none, "auto" those whose
+        MC loss before the defence (inference flow) is above ``threshold`` (default: the bundle's,
+        ``self.threshold``). ``config`` replaces the pipeline's defence for this call (else the
+        overrides apply to it). With ``config.restarts`` > 1 the purification runs that many times
+        from random starts and the prediction is the mean of their probabilities; the clip handed
+        back is the run with the lowest MC loss. With ``keep_best`` a purified clip whose final MC
+        loss (inference flow) is above its loss before comes back as the input (``reverted``), so
+        ``mc_after <= mc_before`` always. ``keep_iterates`` keeps each run's iterates (``runs``): the
+        through-defence attacks replay the last steps from them (``models.robustness.through``).
+        ``leave()``, asked after every defence step, may return a (B,) bool tensor: the clips marked
+        True leave the purification (a batching worker's clips whose job ended; their outputs are
+        not meaningful).
+        """
+        if clip.dim() != 5 or clip.shape[2] != 3:
+            raise ValueError(f"expected clips of shape (B, T, 3, H, W), got {tuple(clip.shape)}")
+        mode = parse_mode(defend)
+        clip = clip.to(self.device, torch.float32)
+        config = config or self.defense.with_overrides(steps=steps, epsilon=epsilon, multi=multi)
+        t0 = time.perf_counter()
+        flows_before, mc_before, logits = self._infer(clip, config)
+        seconds = {"classify": time.perf_counter() - t0, "defense": 0.0}
+        batch = clip.shape[0]
+        if mode == "auto":
+            threshold = self.threshold if threshold is None else threshold
+            if threshold is None:
+                raise ValueError("defend=auto needs an MC-loss threshold: calibrate the bundle or set one")
+            purified = mc_before > threshold
+        else:
+            purified = torch.full((batch,), mode == "always" and config.steps > 0, device=clip.device)
+        decisions: list[Decision] = ["off" if mode == "off" else "skipped"] * batch
+        probs = logits.softmax(dim=1)
+        restored, flows_after, mc_after = clip, flows_before, mc_before
+        steps_spent = torch.zeros(batch, dtype=torch.long, device=clip.device)
+        reverted = torch.zeros(batch, dtype=torch.bool, device=clip.device)
+        trajectory, trajectory_len = mc_before.unsqueeze(0), torch.ones(batch, dtype=torch.long, device=clip.device)
+        runs: list[PurifyResult] = []
+        idx = purified.nonzero().squeeze(1)
+        if idx.numel():
+            sub, sub_before = clip[idx], mc_before[idx]
+            outcomes = []  # per restart: (restored, flows, mc, logits)
+            step_hook = on_step
+            if leave is not None:
+
+                def step_hook(k: int, loss: Tensor, _idx: Tensor = idx) -> Tensor | None:
+                    if on_step is not None:
+                        on_step(k, loss)
+                    gone = leave()
+                    return None if gone is None else gone.to(_idx.device)[_idx]
+
+            for _ in range(max(1, config.restarts)):
+                t0 = time.perf_counter()
+                run = purify(
+                    sub, self.flow_model, config, on_step=step_hook, start_loss=sub_before, keep_iterates=keep_iterates
+                )
+                t1 = time.perf_counter()
+                runs.append(run)
+                outcomes.append(
+                    self._infer_moved(sub, run.restored, config, flows_before[idx], sub_before, logits[idx])
+                )
+                seconds["defense"] += t1 - t0
+                seconds["classify"] += time.perf_counter() - t1
+            restored_r, flows_r, mc_r, logits_r = (torch.stack(parts) for parts in zip(*outcomes, strict=True))
+            pick = mc_r.argmin(0)  # per clip, the restart with the lowest final MC loss
+            take = torch.arange(idx.numel(), device=clip.device)
+            sub_mc = mc_r[pick, take]
+            sub_probs = logits_r.softmax(dim=2).mean(0)
+            sub_logits = logits_r[0] if len(runs) == 1 else sub_probs.log()
+            back = sub_mc > sub_before if config.keep_best else torch.zeros_like(sub_mc, dtype=torch.bool)
+            keep = idx[~back]
+            restored, flows_after, mc_after = clip.clone(), flows_before.clone(), mc_before.clone()
+            restored[keep] = restored_r[pick, take][~back]
+            flows_after[keep] = flows_r[pick, take][~back]
+            mc_after[keep] = sub_mc[~back]
+            probs[keep], logits[keep] = sub_probs[~back], sub_logits[~back]
+            reverted[idx] = back
+            trajectory = mc_before.unsqueeze(0).repeat(config.steps + 1, 1)
+            trajectory[:, idx] = torch.stack([r.trajectory for r in runs])[pick, :, take].T
+            runs_taken = torch.stack([r.steps_taken for r in runs])
+            steps_spent[idx] = runs_taken.sum(0)
+            runs_stopped = torch.stack([r.stopped for r in runs])
+            taken, stopped = runs_taken[pick, take], runs_stopped[pick, take]
+            trajectory_len[idx] = torch.where(stopped, taken.clamp(min=1), taken + 1)
+            all_stopped = runs_stopped.all(0)
+            for j, i in enumerate(idx.tolist()):
+                decisions[i] = "stopped_early" if bool(all_stopped[j]) else "purified"
+        return Prediction(
+            probs=probs,
+            logits=logits,
+            restored=restored,
+            mc_before=mc_before,
+            mc_after=mc_after,
+            trajectory=trajectory,
+            defended=mode != "off" and config.steps > 0,
+            flows_before=flows_before if keep_flows else None,
+            flows_after=flows_after if keep_flows else None,
+            decisions=decisions,
+            defence_steps=steps_spent,
+            reverted=reverted,
+            purified=purified,
+            runs=runs,
+            trajectory_len=trajectory_len,
+            seconds=seconds,
+        )

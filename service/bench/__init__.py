@@ -1,0 +1,1 @@
+"""Benchmarks and the autoscaling simulation that drive a running service from outside."""

@@ -1,0 +1,173 @@
+"""A non-forking RQ worker with a real heartbeat while a job runs.
+
+``SimpleWorker`` runs jobs in its own process, so the bundle is loaded once (and CUDA is never
+forked), but it refreshes nothing while a job runs: its started-registry entry lives for the whole
+job timeout, which is how a killed worker's job ends up stuck in ``started``. Here a thread renews
+the worker key, the execution and the registry entry every ``heartbeat_interval_s`` with a TTL of
+``heartbeat_ttl_s``, so a vanished worker is detected within seconds (``worker.recovery``). A second
+thread publishes a liveness key with the bundle it serves, read by the API's ``/readyz``.
+
+With ``max_batch_clips`` > 1 a job of ``worker.serving.jobs.analyse_job`` is run by ``worker.serving.batching``
+together with further queued jobs; the heartbeat thread then beats every job of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.worker import SimpleWorker, WorkerStatus
+
+from worker.periodic import PeriodicThread
+from worker.queueing import JOB_FUNCTION
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+class ModelWorker(SimpleWorker):
+    """Rides out a Redis outage instead of quitting: RQ's loop survives a lost connection only while
+    it waits for a job; here a job that could not be recorded, and the loop's own bookkeeping,
+    wait for Redis to come back (the job is then requeued by ``worker.recovery``)."""
+
+    settings: Settings  # set by worker.cli.worker before work() starts
+    bundle_info: dict = {}
+    max_connection_wait_time = 4.0  # RQ's reconnect backoff while idle (its default grows to 60 s)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.settings.heartbeat_ttl_s
+
+    def wait_for_redis(self, what: str) -> None:
+        """Block until Redis answers again (or a shutdown is requested)."""
+        log.warning("Redis unreachable (%s); waiting for it", what)
+        started = time.monotonic()
+        while not self._stop_requested and self._shutdown_requested_date is None:
+            try:
+                self.connection.ping()
+                log.warning("Redis is back after %.1f s", time.monotonic() - started)
+                return
+            except REDIS_DOWN:
+                time.sleep(0.5)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._beats: dict[str, tuple[Job, Execution]] = {}  # execution id -> the job it runs
+        self._beats_lock = threading.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        """A warm or cold shutdown was requested: finish what runs, take nothing more."""
+        return bool(self._stop_requested or self._shutdown_requested_date is not None)
+
+    def track(self, job: Job, execution: Execution) -> None:
+        """Heartbeat this job's execution until ``untrack`` (every job of a batch has its own)."""
+        with self._beats_lock:
+            self._beats[execution.id] = (job, execution)
+
+    def untrack(self, execution: Execution) -> None:
+        with self._beats_lock:
+            self._beats.pop(execution.id, None)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        batched = self.settings.max_batch_clips > 1 and job.func_name == JOB_FUNCTION
+        execution = None if batched else self.prepare_execution(job)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._job_heartbeat, args=(stop,), daemon=True)
+        beat.start()
+        try:
+            if batched:
+                from worker.serving.batching import BatchRun
+
+                BatchRun(self, job, queue).run()
+            else:
+                self.track(job, execution)
+                self.perform_job(job, queue, execution)
+        except REDIS_DOWN:
+            # The jobs' outcomes could not be recorded: their heartbeats stop, so once Redis is back
+            # the recovery scan requeues them (bounded by max_retries) or fails them with a reason.
+            with self._beats_lock:
+                self._beats.clear()
+            self.wait_for_redis(f"recording job {job.id}")
+        finally:
+            stop.set()
+            beat.join()
+            with self._beats_lock:
+                self._beats.clear()
+        try:
+            self.set_state(WorkerStatus.IDLE)
+        except REDIS_DOWN:
+            self.wait_for_redis("setting the worker idle")
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except REDIS_DOWN:
+            self.wait_for_redis("checking for suspension")
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_DOWN:
+            self.wait_for_redis("maintenance")
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        try:
+            return super().heartbeat(timeout, pipeline)
+        except REDIS_DOWN:
+            if pipeline is not None:
+                raise
+            self.wait_for_redis("worker heartbeat")
+
+    def _job_heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.heartbeat_interval_s):
+            with self._beats_lock:
+                running = list(self._beats.values())
+            for job, execution in running:
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception:  # noqa: BLE001 - a missed beat is retried; recovery waits heartbeat_ttl_s
+                    log.debug("job heartbeat failed", exc_info=True)
+
+
+class LivenessThread(PeriodicThread):
+    """Keeps ``<prefix>:worker:<name>`` alive (TTL heartbeat_ttl_s) with the bundle this worker serves."""
+
+    def __init__(self, worker: ModelWorker, settings: Settings, info: dict):
+        super().__init__("motionguard-liveness", settings.heartbeat_interval_s, immediate=True)
+        self.worker, self.settings = worker, settings
+        self.key = settings.key("worker", worker.name)
+        self.value = json.dumps({**info, "pid": os.getpid(), "name": worker.name})
+
+    def beat(self) -> None:
+        self.worker.connection.set(self.key, self.value, ex=self.settings.heartbeat_ttl_s)
+
+    def tick(self) -> None:
+        try:
+            self.beat()
+        except Exception:  # noqa: BLE001
+            log.debug("liveness beat failed", exc_info=True)
+
+    def stop(self) -> None:
+        super().stop()
+        try:
+            self.worker.connection.delete(self.key)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def live_workers(connection, settings: Settings) -> list[dict]:
+    """The workers whose liveness key has not expired (torch-free, used by the API)."""
+    keys = list(connection.scan_iter(match=settings.key("worker", "*"), count=200))
+    values = connection.mget(keys) if keys else []
+    return [json.loads(v) for v in values if v]
