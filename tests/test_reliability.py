@@ -8,7 +8,7 @@ takes to be retried, warm shutdown on SIGTERM, a Redis restart under load (own `
 append-only persistence), a full or unwritable blob store, and a job past its timeout.
 
 Measured figures are printed as ``RELIABILITY <name> <json>`` lines (``pytest -s`` shows them) and
-quoted in the README's "Reliability" section.
+quoted in docs/reliability.md.
 """
 
 from __future__ import annotations
