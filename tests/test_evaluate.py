@@ -12,7 +12,7 @@ from models.robustness.evaluate import clip_seed, evaluate, plan_rows
 from models.robustness.report import auroc, bootstrap_ci, sanity_checks, summarise, worst_case
 from models.robustness.spec import parse_attack
 from service.cli import main
-from worker.cli.eval_report import replace_section
+from worker.cli.eval_report import BEGIN, END, replace_section, write_section
 
 
 def _rec(defended: bool, mc: float = 0.01, standard: bool = False) -> dict:
@@ -160,6 +160,18 @@ def test_replace_section_keeps_the_rest():
     text = "# t\n\n## Robustness\n\nold\n\n## Next\n\nrest\n"
     assert replace_section(text, "## Robustness\n\nnew\n") == "# t\n\n## Robustness\n\nnew\n\n## Next\n\nrest\n"
     assert replace_section("# t\n", "## Robustness\n\nnew\n").endswith("## Robustness\n\nnew\n")
+
+
+def test_generated_section_goes_between_the_markers_of_any_page():
+    page = f"# Robustness\n\nintro\n\n{BEGIN}\n\nold\n\n{END}\n\n## Reading the rows\n\nkept\n"
+    once = write_section(page, "new table\n")
+    assert once == f"# Robustness\n\nintro\n\n{BEGIN}\n\nnew table\n\n{END}\n\n## Reading the rows\n\nkept\n"
+    assert write_section(once, "new table") == once
+    # A page without the markers (the README of earlier versions) gets them in its Robustness section.
+    text = write_section("# t\n\n## Robustness\n\nold\n\n## Next\n\nrest\n", "new")
+    assert text == f"# t\n\n## Robustness\n\n{BEGIN}\n\nnew\n\n{END}\n\n## Next\n\nrest\n"
+    assert write_section(text, "newer") == text.replace("\nnew\n", "\nnewer\n")
+    assert write_section("", "new") == f"## Robustness\n\n{BEGIN}\n\nnew\n\n{END}\n"
 
 
 def test_unknown_attack_is_rejected(capsys):
