@@ -351,7 +351,7 @@ def test_checkpoints_load_with_weights_only():
     """Every torch.load on the serving path (bundle and checkpoint loading, worker, service) passes
     weights_only=True; so does the training code when it resumes its own state."""
     checked = 0
-    for path in [*ROOT.glob("models/*.py"), *ROOT.glob("worker/*.py"), *ROOT.glob("service/*.py")]:
+    for path in [*ROOT.glob("models/**/*.py"), *ROOT.glob("worker/**/*.py"), *ROOT.glob("service/**/*.py")]:
         for call in _torch_load_calls(path):
             flags = {kw.arg: kw.value for kw in call.keywords}
             assert "weights_only" in flags and getattr(flags["weights_only"], "value", None) is True, (

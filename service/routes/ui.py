@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from service.errors import ApiError
 from service.routes.figures import router as figures_router
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 STATIC_FILES: dict[str, str] = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
