@@ -103,6 +103,40 @@ class Calibration(_Strict):
     sample: list[float] = Field(default_factory=list, description="clean values kept for drift statistics")
 
 
+class SignalCalibration(_Strict):
+    """One flag signal's clean distribution: a sorted sample and an exponential upper tail.
+
+    The tail (peaks over ``tail_start``, the clean quantile 1 - ``tail_share``, with mean excess
+    ``tail_scale``) extends the tail probability beyond the largest clean value, so a score above
+    every calibration clip still grows with how far out it is (``models.defense.flag``)."""
+
+    sample: list[float] = Field(min_length=2, description="sorted clean values (evenly thinned)")
+    tail_start: float
+    tail_scale: float = Field(gt=0)
+    tail_share: float = Field(default=0.1, gt=0, lt=1)
+    p99: float | None = Field(default=None, description="the clean 99th percentile, for readers")
+
+
+class FlagCalibration(_Strict):
+    """The suspected-attack flag (issue 24): several cheap signals, each mapped to its clean tail
+    probability; ``attack_score`` = -log10 of the smallest (an attacker must keep every signal
+    clean-looking at once), flagged above ``thresholds[set]``, the clean (1 - fpr) quantile of the
+    score over that signal set (``input``: before any purification; ``defended``: with the
+    purification's own signals). ``auto_threshold``: ``defend=auto`` purifies clips whose input
+    score is above it. Bundles without this section keep the MC-loss threshold flag."""
+
+    version: int = 1
+    n: int = Field(ge=1)
+    source: str = ""
+    fpr: float = Field(default=0.01, gt=0, lt=1)
+    noise_epsilon: float = Field(default=4 / 255, ge=0, le=1)
+    signals: dict[str, SignalCalibration]
+    thresholds: dict[str, float]
+    auto_threshold: float | None = None
+    auto_quantile: float | None = None
+    command: str | None = None
+
+
 class BundleMeta(_Strict):
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
@@ -113,6 +147,7 @@ class BundleMeta(_Strict):
     flow_normalisation: FlowNormalisation = Field(default_factory=FlowNormalisation)
     defense: DefenseSpec = Field(default_factory=DefenseSpec)
     calibration: Calibration | None = None
+    flag: FlagCalibration | None = Field(default=None, description="the multi-signal attack flag (issue 24)")
     sha256: dict[str, str] = Field(default_factory=dict)
     training: dict = Field(default_factory=dict, description="how the weights were made (free form)")
 

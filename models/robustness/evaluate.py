@@ -50,9 +50,15 @@ class ClipRecord:
     fooled_at: int | None = None  # attack step of the kept iterate (its own check accepted it); None: not found
     agrees: bool | None = None  # the attack's own check agrees with ``defended`` (None: not checked)
     seconds: float = 0.0  # attack + scoring time (state file only: timings are not part of the report)
+    flagged: bool | None = None  # the multi-signal flag (issue 24) was raised; None: scored without one
+    attack_score: float | None = None  # its combined score over the threshold (> 1: flagged)
+    signals: dict[str, float] | None = None  # the flag's per-signal values
 
 
-RESULT_FIELDS = tuple(f.name for f in fields(ClipRecord) if f.name != "seconds")
+RECORD_ONLY = ("seconds", "signals")  # kept in the state file, not compared across runs
+
+
+RESULT_FIELDS = tuple(f.name for f in fields(ClipRecord) if f.name not in RECORD_ONLY)
 
 
 @dataclass(frozen=True)
@@ -88,21 +94,28 @@ def machine_info() -> dict:
     }
 
 
-def _success(spec: AttackSpec, defended: bool, mc_before: float, threshold: float | None) -> bool:
-    """The attack's goal, judged on the final record (detector-aware: wrong AND not flagged)."""
+def _success(
+    spec: AttackSpec, defended: bool, mc_before: float, threshold: float | None, flagged: bool | None = None
+) -> bool:
+    """The attack's goal, judged on the final record (detector-aware: wrong AND not flagged; flag-aware:
+    wrong AND not flagged by the multi-signal flag)."""
+    if spec.flag_aware:
+        return not defended and flagged is False
     if spec.detector_aware:
         return not defended and threshold is not None and mc_before <= threshold
     return not defended
 
 
 @torch.no_grad()
-def _score(pipeline: Pipeline, x: Tensor, y: Tensor, noise_eps: float, defend: bool | str) -> list[ClipRecord]:
-    plain = pipeline.predict(x, defend=False)
+def _score(
+    pipeline: Pipeline, x: Tensor, y: Tensor, noise_eps: float, defend: bool | str, flag=None
+) -> list[ClipRecord]:
+    plain = pipeline.predict(x, defend=False, keep_flows=flag is not None)
     noised = project(x + (torch.rand_like(x) * 2 - 1) * noise_eps, x, noise_eps)
     random_pred = pipeline.predict(noised, defend=False).probs.argmax(1)
     defended = pipeline.predict(x, defend=defend)
     std_pred, def_pred = plain.probs.argmax(1), defended.probs.argmax(1)
-    return [
+    records = [
         ClipRecord(
             standard=bool(std_pred[i] == y[i]),
             random=bool(random_pred[i] == y[i]),
@@ -112,6 +125,24 @@ def _score(pipeline: Pipeline, x: Tensor, y: Tensor, noise_eps: float, defend: b
         )
         for i in range(len(y))
     ]
+    if flag is not None:
+        from models.defense.flag import read_flag
+
+        reading = read_flag(
+            pipeline,
+            x,
+            probs_before=plain.probs,
+            flows_before=plain.flows_before,
+            mc_before=plain.mc_before,
+            flag=flag,
+            probs_after=defended.probs,
+            purified=defended.purified,
+        )
+        for i, record in enumerate(records):
+            signals, score, flagged = reading.of(i)
+            record.flagged, record.attack_score = flagged, None if score is None else round(score, 5)
+            record.signals = {k: round(v, 6) for k, v in signals.items()}
+    return records
 
 
 class EvaluationState:
@@ -192,10 +223,13 @@ def evaluate(
     progress: Callable[[str, int, int], None] | None = None,
     on_checkpoint: Callable[[EvaluationState], None] | None = None,
     defend: bool | str = True,
+    flag=None,
 ) -> EvaluationState:
     """Run every row on its clips (resuming from ``state_path``); returns the state with all records.
 
-    ``on_checkpoint(state)`` runs after each batch of clips (all rows): partial reports of a long run."""
+    ``on_checkpoint(state)`` runs after each batch of clips (all rows): partial reports of a long run.
+    ``flag``: the bundle's flag calibration; with it every record also carries the multi-signal flag
+    (and the flag-aware attacks can run). Without it the signature, and so the resume, is as before."""
     defense = pipeline.defense
     # Records are kept per row name and clip index, so a later run with a larger n (or more rows)
     # reuses every clip already done; only what decides a clip's outcome is in the signature.
@@ -206,6 +240,7 @@ def evaluate(
         "threshold": threshold,
         "batch": batch_size,
         "defend": defend,
+        **({"flag": flag.thresholds} if flag is not None else {}),
         **(identity or {}),
     }
     state = EvaluationState(state_path, signature)
@@ -223,7 +258,7 @@ def evaluate(
             chunk = [i for i in left if i in group]
             if not chunk:
                 continue
-            _run_chunk(pipeline, source, row, chunk, state, threshold, seed, defend)
+            _run_chunk(pipeline, source, row, chunk, state, threshold, seed, defend, flag)
             position[row.name] += len(chunk)
             if progress is not None:
                 progress(row.name, position[row.name], len(row.indices))
@@ -241,6 +276,7 @@ def _run_chunk(
     threshold: float | None,
     seed: int,
     defend: bool | str,
+    flag=None,
 ) -> None:
     started = time.perf_counter()
     clips, labels = zip(*(source(i) for i in chunk), strict=True)
@@ -249,9 +285,9 @@ def _run_chunk(
     torch.manual_seed(clip_seed(seed, row.name, chunk[0]))
     fooled_at = None
     if row.spec is not None:
-        result = run_attack(row.spec, pipeline, x, y, threshold, defend)
+        result = run_attack(row.spec, pipeline, x, y, threshold, defend, flag=flag)
         x, fooled_at = result.x, result.fooled_at
-    records = _score(pipeline, x, y, pipeline.defense.epsilon, defend)
+    records = _score(pipeline, x, y, pipeline.defense.epsilon, defend, flag)
     seconds = round((time.perf_counter() - started) / len(chunk), 2)
     for b, (i, record) in enumerate(zip(chunk, records, strict=True)):
         record.seconds = seconds
@@ -264,10 +300,10 @@ def _run_chunk(
 def _attach_check(spec: AttackSpec, record: ClipRecord, at: int, threshold: float | None) -> None:
     """Record where the attack found its success and whether the real prediction agrees with its check
     (through-defence attacks judge every iterate, so a clip they never accepted must not be a success)."""
-    success = _success(spec, record.defended, record.mc_before, threshold)
+    success = _success(spec, record.defended, record.mc_before, threshold, record.flagged)
     if at >= 0:
         record.fooled_at, record.agrees = at, success
-    elif spec.kind in THROUGH_DEFENSE:
+    elif spec.kind in THROUGH_DEFENSE or spec.flag_aware:
         record.agrees = not success
     if at < 0 and success:
         record.fooled_at = spec.steps  # found by the last iterate, which the scoring judged

@@ -79,9 +79,16 @@ def _accuracy(flags: list[bool]) -> dict:
     return {"value": percent(flags), "ci95": bootstrap_ci(flags)}
 
 
+def is_flagged(record: dict, threshold: float | None) -> bool:
+    """The multi-signal flag where the record carries it (issue 24), else the MC loss over the threshold."""
+    if record.get("flagged") is not None:
+        return bool(record["flagged"])
+    return threshold is not None and record["mc_before"] > threshold
+
+
 def summarise_row(name: str, records: dict[int, dict], threshold: float | None, clean_mc: list[float]) -> dict:
     recs = [records[i] for i in sorted(records)]
-    flagged = [threshold is not None and r["mc_before"] > threshold for r in recs]
+    flagged = [is_flagged(r, threshold) for r in recs]
     steps = [r["fooled_at"] for r in recs if r.get("fooled_at") is not None]
     checked = [r["agrees"] for r in recs if r.get("agrees") is not None]
     summary = {
@@ -116,7 +123,7 @@ def worst_case(clips: dict[str, dict[int, dict]], threshold: float | None) -> li
             continue
 
         def safe(r: dict) -> bool:
-            return r["defended"] or (threshold is not None and r["mc_before"] > threshold)
+            return r["defended"] or is_flagged(r, threshold)
 
         robust = [all(clips[r][i]["defended"] for r in members) for i in common]
         system = [all(safe(clips[r][i]) for r in members) for i in common]

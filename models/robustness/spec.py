@@ -25,6 +25,8 @@ from models.robustness.attacks import (
     one_frame,
     pgd,
 )
+from models.robustness.flag_attacks import DEFAULT_STEPS as FLAG_STEPS
+from models.robustness.flag_attacks import FLAG_KINDS, run_flag_attack
 from models.robustness.through import defended_judge, defended_pgd
 
 ATTACK_KINDS = (
@@ -38,8 +40,9 @@ ATTACK_KINDS = (
     "bpda",
     "through",
     "random",
+    *FLAG_KINDS,
 )
-DEFENSE_AWARE = ("adaptive1", "adaptive2", "bpda", "through")
+DEFENSE_AWARE = ("adaptive1", "adaptive2", "bpda", "through", *FLAG_KINDS)
 THROUGH_DEFENSE = ("bpda", "through")  # gradients through the purification; the detector option applies
 _DEFAULT_LAMBDA = {"adaptive1": 300.0, "adaptive2": 105.0}  # the paper's strongest (Fig. 8)
 DEFAULT_STEPS = {
@@ -52,6 +55,7 @@ DEFAULT_STEPS = {
     "adaptive2": 20,
     "bpda": 20,
     "through": 10,
+    **{kind: FLAG_STEPS for kind in FLAG_KINDS},
 }
 # Transfer attacks check the real defended prediction every this many steps (each check is one
 # defended prediction per clip still open, ~16x an undefended one; the last iterate is always scored).
@@ -65,7 +69,7 @@ OPTIONS = {
     "tau": "through: temperature of the tanh stand-in for sign in the backward (x mean |g|)",
     "eot": "bpda/through: purifications averaged per step (for a defence with randomness)",
     "detector": "bpda/through: lambda of the MC-loss penalty that keeps the clip under the detector threshold",
-    "lambda": "adaptive1/adaptive2: weight of the MC-loss or flow-change penalty",
+    "lambda": "adaptive1/adaptive2: weight of the MC-loss or flow-change penalty; flagpen*: of the flag-score penalty",
     "start": "bpda/through: 1 uniform random start, 0 start at the clip (default 1; detector-aware: 0)",
 }
 
@@ -94,6 +98,11 @@ class AttackSpec:
     @property
     def detector_aware(self) -> bool:
         return "detector" in self.options
+
+    @property
+    def flag_aware(self) -> bool:
+        """Attacks on the multi-signal flag: a success is wrong AND not flagged by the combined score."""
+        return self.kind in FLAG_KINDS
 
     @property
     def steps(self) -> int:
@@ -143,10 +152,15 @@ def run_attack(
     y: Tensor,
     threshold: float | None = None,
     defend: bool | str = True,
+    flag=None,
 ) -> AttackResult:
     """Adversarial (or randomly perturbed) clips for one spec; ``threshold``: the bundle's MC-loss
-    threshold (needed by detector-aware specs); ``defend``: the defence mode judged (``predict``'s)."""
+    threshold (needed by detector-aware specs); ``defend``: the defence mode judged (``predict``'s);
+    ``flag``: the bundle's flag calibration (needed by flag-aware specs)."""
     o, eps, steps = spec.options, spec.epsilon, spec.steps
+    if spec.flag_aware:
+        tracker = run_flag_attack(spec.kind, o, pipeline, x, y, eps, flag, defend)
+        return AttackResult(tracker.kept, tracker.at, steps)
     if spec.kind == "random":
         return AttackResult(project(x + (torch.rand_like(x) * 2 - 1) * eps, x, eps), None, 0)
     if spec.kind in THROUGH_DEFENSE:

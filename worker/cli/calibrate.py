@@ -34,6 +34,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    flag = parser.add_argument_group("attack flag (issue 24)")
+    flag.add_argument(
+        "--flag",
+        action="store_true",
+        help="calibrate the multi-signal attack flag (bundle.json's 'flag' section) instead of the MC loss",
+    )
+    flag.add_argument("--fpr", type=float, default=0.01, help="--flag: clean false-flag rate of the threshold")
+    flag.add_argument(
+        "--auto-quantile",
+        type=float,
+        default=0.9,
+        help="--flag: clean quantile of the score where defend=auto purifies",
+    )
+    flag.add_argument(
+        "--defend", default="always", help="--flag/--check-flags: defence mode the signals are read under"
+    )
+    flag.add_argument(
+        "--check-flags",
+        type=Path,
+        default=None,
+        metavar="OUT.json",
+        help="measure false flags of the bundle's flag on --n clean clips of --synthetic-split (default test), "
+        "also with uniform noise of --noise (1/255), write JSON here; the bundle is not changed",
+    )
+    flag.add_argument("--noise", type=float, default=8.0, help="--check-flags: uniform noise in 1/255")
 
 
 def video_clips(folder: Path, frames: int, height: int, width: int, resize: str, n: int, per_video: int):
@@ -80,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--n must be at least 1")
     bundle_dir = args.bundle or DEFAULT_BUNDLE_DIR
     meta = read_bundle_meta(bundle_dir)
+    if args.flag or args.check_flags is not None:
+        return _run_flag(args, bundle_dir, meta)
     clips = None
     if args.clips is not None:
         clips = video_clips(
@@ -111,4 +138,52 @@ def run(args: argparse.Namespace) -> int:
         )
         if "undefended_accuracy" in report:
             print(f"undefended accuracy on these clips: {report['undefended_accuracy']:.4f}")
+    return 0
+
+
+def _run_flag(args: argparse.Namespace, bundle_dir: Path, meta) -> int:
+    """``--flag``: calibrate the attack flag on clean clips; ``--check-flags``: count its false flags."""
+    import sys
+
+    from models.defense.calibrate import synthetic_clips
+    from models.defense.flag_calibrate import calibrate_flag_bundle, false_flags
+    from models.defense_mode import parse_mode
+
+    defend = parse_mode(args.defend)
+    if args.check_flags is None:
+        command = "motionguard " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+        flag = calibrate_flag_bundle(
+            bundle_dir,
+            split=args.synthetic_split or "val",
+            n=args.n,
+            fpr=args.fpr,
+            auto_quantile=args.auto_quantile,
+            defend=defend,
+            batch_size=args.batch,
+            device=args.device,
+            command=command,
+        )
+        print(json.dumps({"n": flag.n, "thresholds": flag.thresholds, "auto_threshold": flag.auto_threshold}))
+        return 0
+    from models.bundle.load import load_bundle
+
+    bundle = load_bundle(bundle_dir, args.device)
+    split = args.synthetic_split or "test"
+    legacy = meta.calibration.threshold if meta.calibration is not None else None
+    report: dict = {"bundle": f"{meta.name}:{meta.version}", "split": split, "defend": defend}
+    for key, noise in (("clean", 0.0), ("noisy", args.noise / 255)):
+        clips = synthetic_clips(split, args.n, meta.input.frames, meta.input.height)
+        report[key] = false_flags(
+            bundle.pipeline,
+            clips,
+            meta.flag,
+            defend=defend,
+            noise_epsilon=noise,
+            legacy_threshold=legacy,
+            batch_size=args.batch,
+        )
+        log.info("%s: %s", key, report[key])
+    args.check_flags.parent.mkdir(parents=True, exist_ok=True)
+    args.check_flags.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
     return 0

@@ -67,6 +67,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="purification judged: a name of models.bundle.load.DEFENSE_VARIANTS (paper, converge, ...) or "
         "field=value,... over bundle.json's defense (default: the bundle's)",
     )
+    parser.add_argument(
+        "--flag",
+        action="store_true",
+        help="record the bundle's multi-signal attack flag on every row (implied by flag-aware attacks)",
+    )
     parser.add_argument("--multi", action="store_true", help="evaluate the multi-constraint defence")
     parser.add_argument("--steps", type=int, default=None, help="defence steps (default: the bundle's)")
     parser.add_argument(
@@ -145,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     threshold = meta.calibration.threshold if meta.calibration else None
     if threshold is None and any(a.detector_aware for a in attacks):
         raise UserError("detector-aware attacks need a calibrated bundle (motionguard calibrate)")
+    flag = meta.flag if args.flag or any(a.flag_aware for a in attacks) else None
+    if flag is None and (args.flag or any(a.flag_aware for a in attacks)):
+        raise UserError("--flag and the flag-aware attacks need a bundle with a flag (motionguard calibrate --flag)")
 
     if args.videos:
         clips = _video_source(args.videos, meta, args.n)
@@ -209,9 +217,14 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         on_checkpoint=checkpoint,
         defend=True if args.defend == "always" else args.defend,
+        flag=flag,
     )
     _write_outputs(args, state, rows, meta, origin, threshold)
     return 0
+
+
+def _unread_flag(record, field: str) -> bool:
+    return field in ("flagged", "attack_score") and getattr(record, field) is None
 
 
 def _write_outputs(
@@ -222,8 +235,10 @@ def _write_outputs(
     from models.robustness.report import SCHEMA, clips_to_json, summarise, to_markdown
 
     records = {row.name: state.records(row.name, row.indices) for row in rows}
+    # The flag's fields appear only in runs that read it, so earlier runs' JSON stays byte-identical.
     clips = {
-        name: {i: {f: getattr(r, f) for f in RESULT_FIELDS} for i, r in recs.items()} for name, recs in records.items()
+        name: {i: {f: getattr(r, f) for f in RESULT_FIELDS if not _unread_flag(r, f)} for i, r in recs.items()}
+        for name, recs in records.items()
     }
     summary = summarise(clips, threshold)
     header = {

@@ -1,0 +1,182 @@
+"""Attacks against the multi-signal flag (issue 24): a success is a wrong answer the flag does NOT raise.
+
+A wrong but flagged answer reaches the operator as "suspected"; what these attacks hunt is the
+silent failure. All three share one loop over the real defended prediction (BPDA through the
+purification: its output's gradient applied to the attacker's clip, Athalye et al. 2018), and every
+iterate is judged by the real service path: the defended prediction (12 RAFT updates) and the flag
+read exactly as the worker reads it (``models.defense.flag.read_flag``). ``FirstSuccess`` keeps the
+first iterate that is wrong AND unflagged.
+
+- ``penalty`` (Carlini & Wagner 2017's recipe): ascend CE - lambda * relu(score - margin), the
+  score being the differentiable stand-in of the combined score (``surrogate_signals``: every flow
+  at 2 updates, fresh noise for the noise signal, ``purify_change`` through the BPDA output),
+  normalised so 1 is the threshold. ``lambda`` is swept by the rows.
+- ``orthogonal`` (orthogonal PGD, Bryniarski et al. 2021, arXiv 2106.15023): per clip, while the
+  real flag is up, step to lower the score along the part of its gradient orthogonal to the
+  classifier's; otherwise step to raise the classifier loss along the part of its gradient
+  orthogonal to the score's, so neither step undoes the other.
+- ``only=<signal>``: the penalty on a single signal's surprise: an attacker who knows one signal
+  (the other signals are what must catch it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from models.bundle_meta import FlagCalibration
+from models.defense.flag import (
+    DEFENDED_SIGNALS,
+    SIGNALS,
+    combine,
+    read_flag,
+    surprises,
+    surrogate_signals,
+    total_variation,
+)
+from models.defense.pipeline import Pipeline
+from models.defense.purify import project
+from models.robustness.attacks import GRAD_UPDATES, FirstSuccess
+from models.robustness.through import cosine_steps, defended_forward
+
+Method = Literal["penalty", "orthogonal"]
+SCORE_MARGIN = 0.8  # the penalty switches on above this fraction of the threshold (the stand-in is not exact)
+
+
+def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a.flatten(1) * b.flatten(1)).sum(1)
+
+
+def orthogonal_part(g: Tensor, h: Tensor) -> Tensor:
+    """g minus its projection on h, per clip (the Bryniarski et al. step direction)."""
+    coef = _flat_dot(g, h) / _flat_dot(h, h).clamp_min(1e-30)
+    return g - coef.view((-1,) + (1,) * (g.dim() - 1)) * h
+
+
+def judge_flag(
+    pipeline: Pipeline, x: Tensor, y: Tensor, flag: FlagCalibration, defend: bool | str = True
+) -> tuple[Tensor, Tensor, object, object]:
+    """(success (B,), flagged (B,), defended prediction, plain prediction) of the real service path."""
+    with torch.no_grad():
+        plain = pipeline.predict(x, defend=False, keep_flows=True)
+        forward = defended_forward(pipeline, x, defend) if defend not in (False, "off") else plain
+        reading = read_flag(
+            pipeline,
+            x,
+            probs_before=plain.probs,
+            flows_before=plain.flows_before,
+            mc_before=plain.mc_before,
+            flag=flag,
+            probs_after=forward.probs,
+            purified=forward.purified if forward is not plain else None,
+        )
+    wrong = forward.probs.argmax(1) != y
+    return wrong & ~reading.flagged, reading.flagged, forward, plain
+
+
+def surrogate_score(
+    pipeline: Pipeline, z: Tensor, restored: Tensor, flag: FlagCalibration, probs_infer: Tensor, only: str | None
+) -> tuple[Tensor, Tensor]:
+    """(CE of the BPDA defended prediction (B,), differentiable score (B,), 1 = the threshold)."""
+    signals = surrogate_signals(pipeline, z, noise_epsilon=flag.noise_epsilon, probs_infer=probs_infer)
+    probs_plain = pipeline.classify_flows(pipeline.flow_model(z, GRAD_UPDATES)["forward"]).softmax(1)
+    bpda = z + (restored - z).detach()  # the purification's output, identity backward
+    probs_def = pipeline.logits(bpda, GRAD_UPDATES).softmax(1)
+    signals["purify_change"] = total_variation(probs_def, probs_plain)
+    surprise = surprises(signals, flag)
+    if only is not None:
+        if only not in surprise:
+            raise ValueError(f"signal {only!r} is not in the bundle's flag calibration")
+        threshold = flag.thresholds["defended" if only in DEFENDED_SIGNALS else "input"]
+        score = surprise[only] / threshold
+    else:
+        score = combine(surprise) / flag.thresholds["defended"]
+    return probs_def, score
+
+
+def flag_aware_pgd(
+    pipeline: Pipeline,
+    x: Tensor,
+    y: Tensor,
+    epsilon: float,
+    flag: FlagCalibration,
+    *,
+    method: Method = "penalty",
+    lam: float = 10.0,
+    only: str | None = None,
+    steps: int = 10,
+    step_size: float | None = None,
+    defend: bool | str = True,
+) -> FirstSuccess:
+    """Sign-gradient attack on the defended prediction that also keeps the flag down; per clip the
+    first iterate that is wrong and unflagged (x_0 .. x_steps all judged). Starts at the clip: uniform
+    noise of eps alone raises the noise-sensitive signals."""
+    if only is not None and only not in SIGNALS:
+        raise ValueError(f"unknown flag signal {only!r}; signals: {', '.join(SIGNALS)}")
+    x = x.detach()
+    x_adv = x.clone()
+    tracker = FirstSuccess(x_adv)
+    schedule = cosine_steps(5 * epsilon / steps if step_size is None else step_size, steps)
+    for k in range(steps + 1):
+        success, flagged, forward, plain = judge_flag(pipeline, x_adv, y, flag, defend)
+        tracker.offer(k, x_adv, success)
+        if k == steps or tracker.done:
+            break
+        with torch.enable_grad():
+            z = x_adv.clone().requires_grad_(True)
+            probs_def, score = surrogate_score(pipeline, z, forward.restored, flag, plain.probs, only)
+            ce = -probs_def.gather(1, y[:, None])[:, 0].clamp_min(1e-12).log()
+            if method == "penalty":
+                objective = ce - lam * (score - SCORE_MARGIN).clamp_min(0)
+                (direction,) = torch.autograd.grad(objective.sum(), z)
+            else:
+                (g_ce,) = torch.autograd.grad(ce.sum(), z, retain_graph=True)
+                (g_score,) = torch.autograd.grad(score.sum(), z)
+                lower = orthogonal_part(-g_score, g_ce)
+                raise_ = orthogonal_part(g_ce, g_score)
+                up = flagged.view((-1,) + (1,) * (x.dim() - 1))
+                direction = torch.where(up, lower, raise_)
+        x_adv = project(x_adv + schedule[k] * direction.sign(), x, epsilon).detach()
+    return tracker
+
+
+#: Attack kinds of the spec parser (``models.robustness.spec``): the combined penalty, orthogonal PGD,
+#: and the penalty on each input signal alone (``flagpen-mc``, ``flagpen-noise``, ...).
+FLAG_KINDS: dict[str, tuple[Method, str | None]] = {
+    "flagpen": ("penalty", None),
+    "orthogonal": ("orthogonal", None),
+    **{f"flagpen-{name}": ("penalty", name) for name in SIGNALS if name not in DEFENDED_SIGNALS},
+}
+DEFAULT_LAMBDA = 10.0
+DEFAULT_STEPS = 10
+
+
+def run_flag_attack(
+    kind: str,
+    options: dict[str, float],
+    pipeline: Pipeline,
+    x: Tensor,
+    y: Tensor,
+    epsilon: float,
+    flag: FlagCalibration | None,
+    defend: bool | str = True,
+) -> FirstSuccess:
+    """One flag-aware spec (``kind`` of ``FLAG_KINDS``; options steps, step, lambda) on a batch."""
+    if flag is None:
+        raise ValueError(f"attack {kind!r} needs a bundle with a flag calibration (motionguard calibrate --flag)")
+    method, only = FLAG_KINDS[kind]
+    return flag_aware_pgd(
+        pipeline,
+        x,
+        y,
+        epsilon,
+        flag,
+        method=method,
+        lam=float(options.get("lambda", DEFAULT_LAMBDA)),
+        only=only,
+        steps=int(options.get("steps", DEFAULT_STEPS)),
+        step_size=options["step"] / 255 if "step" in options else None,
+        defend=defend,
+    )
