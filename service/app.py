@@ -1,8 +1,9 @@
 """``create_app()``: the FastAPI application (no torch anywhere in this process).
 
-The lifespan opens the Redis connection, reads the bundle's metadata (labels, geometry, defence
-defaults, calibration: plain JSON) and runs the dead-worker recovery scan, so a job whose worker
-was killed is requeued or failed even when no other worker is alive to notice.
+The lifespan opens the Redis connection, reads the model repository's metadata (every bundle's
+labels, geometry, defence defaults, calibration and digest: plain JSON; ``worker.repository``) and
+runs the dead-worker recovery scan, so a job whose worker was killed is requeued or failed even when
+no other worker is alive to notice.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis import Redis
 
-from models.bundle_meta import read_bundle_meta
-from models.errors import BundleError
 from service import errors, metrics, openapi_contract
 from service.routes.jobs import router as jobs_router
+from service.routes.models import router as models_router
 from service.routes.ops import router as ops_router
+from worker.repository import Repository
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,13 @@ def create_app(settings: Settings | None = None, *, run_recovery: bool = True) -
         app.state.redis = Redis.from_url(
             settings.redis_url or DEFAULT_REDIS_URL, socket_connect_timeout=2, socket_timeout=10
         )
-        try:
-            app.state.bundle_meta = read_bundle_meta(settings.bundle_dir)
-            metrics.MODEL_INFO.labels(name=app.state.bundle_meta.name, version=app.state.bundle_meta.version).set(1)
-        except BundleError as exc:
-            log.error("bundle metadata unavailable: %s", exc)
-            app.state.bundle_meta = None
+        app.state.repository = Repository.scan(settings)
+        default = app.state.repository.default
+        app.state.bundle_meta = default.meta if default is not None else None
+        if default is None:
+            log.error("bundle metadata unavailable at %s", settings.bundle_dir)
+        for entry in app.state.repository.served:
+            metrics.MODEL_INFO.labels(name=entry.name, version=entry.version).set(1)
         settings.upload_dir.mkdir(parents=True, exist_ok=True)
         recovery = RecoveryThread(app.state.redis, settings) if run_recovery else None
         if recovery:
@@ -61,11 +63,13 @@ def create_app(settings: Settings | None = None, *, run_recovery: bool = True) -
     app.state.settings = settings
     app.state.bundle_meta = None
     app.state.redis = None
+    app.state.repository = None
     errors.install(app)
     errors.document_validation_errors(app)
     openapi_contract.install(app, settings)
     metrics.install_collector(app.state)
     app.include_router(jobs_router)
+    app.include_router(models_router)
     app.include_router(ops_router)
     _include_web_page(app)
     return app

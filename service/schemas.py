@@ -47,8 +47,15 @@ class ClipResult(BaseModel):
 
 
 class ModelRef(BaseModel):
+    """The bundle that computed a result (worker.repository)."""
+
     name: str
     version: str
+    sha256: str | None = Field(
+        default=None,
+        description="sha256 of the bundle's bundle.json (which records the sha256 of every weight file); "
+        "null in results stored before it was recorded",
+    )
 
 
 class JobResult(BaseModel):
@@ -114,11 +121,31 @@ class Limits(BaseModel):
     max_clips: int
 
 
-class ModelsInfo(BaseModel):
+class ModelInfo(BaseModel):
+    """One bundle of the model repository."""
+
     name: str
     version: str
+    sha256: str = Field(description="sha256 of its bundle.json: what jobs are pinned to and results carry")
+    labels: list[str]
+    input: dict
+    defense: DefenseDefaults
+    calibration: dict | None
+    served: bool = Field(description="this deployment accepts jobs for it (MOTIONGUARD_MODELS)")
+    default: bool = Field(description="what POST /classify uses when the request names no model")
+    workers: list[str] = Field(description="live workers that have exactly this bundle loaded")
+
+
+class ModelsInfo(BaseModel):
+    """``GET /models``: the default model's fields at the top (as before several models existed),
+    the server's limits, and every bundle of the repository under ``models``."""
+
+    name: str
+    version: str
+    sha256: str | None = None
     labels: list[str]
     input: dict
     defense: DefenseDefaults
     calibration: dict | None
     limits: Limits
+    models: list[ModelInfo] = Field(default_factory=list)

@@ -25,3 +25,53 @@ def queue_key(settings: Settings) -> str:
 def cancel_key(settings: Settings, job_id: str) -> str:
     """Set by ``DELETE /jobs/{id}``; the worker polls it between defence steps."""
     return settings.key("cancel", job_id)
+
+
+# --- Per-model queues (worker.repository): one per model name, as KEDA and the deploy files see it --
+#
+# ``<queue_name>.<model>`` holds the jobs the API admitted for that model (every version: a rolling
+# upgrade keeps one queue and one autoscaler). A worker also listens on the pinned queue of its own
+# bundle, ``<queue_name>.<model>@<digest>``: a worker that takes a job recorded for another version or
+# digest moves it there, for a worker that has that very bundle (worker.serving.routing). The plain
+# ``<queue_name>`` queue stays for jobs enqueued without a model (tools, jobs queued before models
+# existed); workers of the default model take them.
+
+
+def model_queue_name(settings: Settings, model: str) -> str:
+    return f"{settings.queue_name}.{model}"
+
+
+def pinned_queue_name(settings: Settings, model: str, sha256: str) -> str:
+    from worker.repository import DIGEST_PREFIX
+
+    return f"{model_queue_name(settings, model)}@{sha256[:DIGEST_PREFIX]}"
+
+
+def model_queue(connection: Redis, settings: Settings, model: str) -> Queue:
+    return Queue(model_queue_name(settings, model), connection=connection, serializer=JSONSerializer)
+
+
+def pinned_queue(connection: Redis, settings: Settings, model: str, sha256: str) -> Queue:
+    return Queue(pinned_queue_name(settings, model, sha256), connection=connection, serializer=JSONSerializer)
+
+
+def model_queue_key(settings: Settings, model: str) -> str:
+    """The Redis list of a model's queue (KEDA's ``listName`` for that model's workers)."""
+    return Queue.redis_queue_namespace_prefix + model_queue_name(settings, model)
+
+
+def service_queues(connection: Redis, settings: Settings) -> list[Queue]:
+    """Every RQ queue of this service (plain, per model, pinned) that RQ has seen a job in."""
+    names = {settings.queue_name}
+    prefix = Queue.redis_queue_namespace_prefix
+    for raw in connection.smembers(Queue.redis_queues_keys):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name.startswith(settings.queue_name + "."):
+            names.add(name)
+    return [Queue(name, connection=connection, serializer=JSONSerializer) for name in sorted(names)]
+
+
+def model_slots_key(settings: Settings, model: str) -> str:
+    """Sorted set of the job ids holding one of the model's ``max_queued`` slots (service.admission)."""
+    return settings.key("queued_jobs", model)

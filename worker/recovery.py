@@ -5,6 +5,10 @@ worker registers it with the whole job timeout (rq issues #2015, #2424, #507). O
 entry alive with a short TTL from a heartbeat thread (``worker.serving.model_worker``), so an entry that
 expires means the process is gone. This scan runs in every worker and in the API; a Redis lock
 makes one of them act at a time. Torch-free.
+
+Every queue of the service is scanned (the plain one, one per model, the pinned ones of
+``worker.serving.routing``), and a job requeued goes back to the queue it came from. The same scan
+fails, with a clear error, a pinned job whose bundle no live worker has (``fail_unserved``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC, datetime
 
 from redis import Redis
 from rq.job import Job, JobStatus
@@ -22,39 +27,91 @@ from rq.utils import parse_composite_key
 
 from worker.monitoring import metrics
 from worker.periodic import PeriodicThread
-from worker.queueing import make_queue
+from worker.queueing import pinned_queue_name, service_queues
+from worker.serving.model_worker import live_workers  # TEMP: worker.liveness once it lands
 from worker.settings import Settings
 from worker.storage import discard_upload, upload_exists
 
 log = logging.getLogger(__name__)
 
 WORKER_DIED = "worker_died"
+MODEL_UNAVAILABLE = "model_unavailable"
 
 
 def recover_dead_jobs(connection: Redis, settings: Settings) -> list[tuple[str, str]]:
-    """Handle every started job whose heartbeat expired; returns [(job_id, "requeued"|"failed")]."""
+    """Handle every started job whose heartbeat expired, on every queue of the service, and fail the
+    pinned jobs no live worker can run; returns [(job_id, "requeued"|"failed")]."""
     lock_key = settings.key("recovery-lock")
     if not connection.set(lock_key, "1", nx=True, px=max(1000, int(settings.recovery_interval_s * 3000))):
         return []
     try:
-        queue = make_queue(connection, settings)
-        registry = queue.started_job_registry
-        entries = connection.zrangebyscore(registry.key, 0, time.time())
         actions = []
-        for raw in entries:
-            entry = raw.decode() if isinstance(raw, bytes) else raw
-            job_id, _ = parse_composite_key(entry)
-            connection.zrem(registry.key, entry)
-            try:
-                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-            except Exception:  # noqa: BLE001 - expired or deleted job: nothing to recover
-                continue
-            if job.get_status(refresh=True) != JobStatus.STARTED:
-                continue
-            actions.append((job_id, _recover(connection, settings, queue, job)))
-        return actions
+        for queue in service_queues(connection, settings):
+            actions += _recover_queue(connection, settings, queue)
+        unserved = fail_unserved(connection, settings, live_workers(connection, settings))
+        return actions + [(job_id, "failed") for job_id in unserved]
     finally:
         connection.delete(lock_key)
+
+
+def _recover_queue(connection: Redis, settings: Settings, queue: Queue) -> list[tuple[str, str]]:
+    registry = queue.started_job_registry
+    actions = []
+    for raw in connection.zrangebyscore(registry.key, 0, time.time()):
+        entry = raw.decode() if isinstance(raw, bytes) else raw
+        job_id, _ = parse_composite_key(entry)
+        connection.zrem(registry.key, entry)
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except Exception:  # noqa: BLE001 - expired or deleted job: nothing to recover
+            continue
+        if job.get_status(refresh=True) != JobStatus.STARTED:
+            continue
+        actions.append((job_id, _recover(connection, settings, queue, job)))
+    return actions
+
+
+def fail_unserved(connection: Redis, settings: Settings, workers: list[dict]) -> list[str]:
+    """Fail the pinned jobs (``worker.serving.routing``) whose bundle no live worker has, once they
+    waited ``model_wait_s`` there; returns their ids. ``workers``: the live workers' records."""
+    served = {str(w["sha256"]) for w in workers if w.get("sha256")}
+    now = datetime.now(UTC)
+    failed = []
+    for queue in service_queues(connection, settings):
+        if "@" not in queue.name:
+            continue
+        for job_id in queue.get_job_ids():
+            try:
+                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+            except Exception:  # noqa: BLE001 - expired or deleted meanwhile
+                queue.remove(job_id)
+                continue
+            ref = job.meta.get("model") or {}
+            digest = str(ref.get("sha256", ""))
+            if digest in served or queue.name != pinned_queue_name(settings, str(ref.get("name")), digest):
+                continue
+            enqueued = job.enqueued_at.replace(tzinfo=UTC) if job.enqueued_at else now
+            if (now - enqueued).total_seconds() < settings.model_wait_s or queue.remove(job_id) == 0:
+                continue  # still within its wait, or a worker took it meanwhile
+            _fail_unserved_job(connection, settings, job, ref)
+            failed.append(job_id)
+    return failed
+
+
+def _fail_unserved_job(connection: Redis, settings: Settings, job: Job, ref: dict) -> None:
+    message = (
+        f"no live worker has model {ref.get('name')} version {ref.get('version')} "
+        f"(sha256 {str(ref.get('sha256', ''))[:12]}), the bundle this job was submitted for, within "
+        f"{settings.model_wait_s:.0f} s; it was not run on another bundle. Submit it again"
+    )
+    log.warning("job %s: %s", job.id, message)
+    job.meta["error"] = {"code": MODEL_UNAVAILABLE, "message": message}
+    job.save_meta()
+    with connection.pipeline() as pipe:
+        record_job_failure(job, json.dumps(job.meta["error"]), pipe)
+        pipe.execute()
+    discard_upload(connection, settings, job.id)
+    metrics.record_job(connection, settings, "failed", model=str(ref.get("name", "")), version=ref.get("version"))
 
 
 def _recover(connection: Redis, settings: Settings, queue: Queue, job: Job) -> str:
@@ -77,7 +134,11 @@ def _recover(connection: Redis, settings: Settings, queue: Queue, job: Job) -> s
         record_job_failure(job, json.dumps(job.meta["error"]), pipe)
         pipe.execute()
     discard_upload(connection, settings, job.id)
-    metrics.record_job(connection, settings, "failed")
+    ref = job.meta.get("model") or {}
+    if ref.get("name"):
+        metrics.record_job(connection, settings, "failed", model=str(ref["name"]), version=ref.get("version"))
+    else:
+        metrics.record_job(connection, settings, "failed")
     return "failed"
 
 

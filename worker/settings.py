@@ -23,7 +23,15 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="None: 'serve' starts an embedded Redis")
     queue_name: str = "motionguard"
     key_prefix: str = Field(default="motionguard", description="prefix of the service's own Redis keys")
-    bundle_dir: Path = DEFAULT_BUNDLE_DIR
+    bundle_dir: Path = Field(default=DEFAULT_BUNDLE_DIR, description="the default model (requests naming none)")
+    model_repository: Path | None = Field(
+        default=None,
+        description="a directory of bundles, each a model (worker.repository); None: the shipped bundles when "
+        "bundle_dir is the shipped default, else bundle_dir's bundle alone (a single-model deployment, as before)",
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="models served, 'name' or 'name:version' (empty: every bundle)"
+    )
     data_dir: Path = Field(default=Path("./motionguard-data"), description="uploads and blobs (shared with workers)")
     blob_store: Literal["dir", "redis"] = "dir"
     restored_formats: Annotated[list[Literal["mp4", "ffv1", "npz"]], NoDecode] = Field(
@@ -64,6 +72,9 @@ class Settings(BaseSettings):
     max_queued: int = Field(default=100, ge=1, description="503 when this many jobs wait")
     max_inflight_per_key: int = Field(default=10, ge=1, description="429 past this many unfinished jobs per key")
     max_retries: int = Field(default=1, ge=0, description="requeues of a job whose worker died")
+    model_wait_s: float = Field(
+        default=300.0, ge=0, description="a job waits this long for a worker with its exact bundle, then fails"
+    )
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
     upload_reservation_s: int = Field(
         default=900, ge=1, description="an upload holds its in-flight slot this long at most before its job is queued"
@@ -89,7 +100,7 @@ class Settings(BaseSettings):
     # Drift monitor
     drift_window: int = Field(default=200, ge=10)
 
-    @field_validator("api_keys", "restored_formats", mode="before")
+    @field_validator("api_keys", "restored_formats", "models", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         """Accept a comma-separated env var as well as a JSON list."""
@@ -114,6 +125,13 @@ class Settings(BaseSettings):
     def bundle_overrides(self) -> dict:
         """What these settings change in a loaded bundle (``models.bundle.load.load_bundle`` keywords)."""
         return {"mode": self.defense_mode, "threshold": self.defense_threshold}
+
+    @property
+    def repository_dir(self) -> Path | None:
+        """Where the model repository is scanned (None: it holds the default bundle only)."""
+        if self.model_repository is not None:
+            return self.model_repository
+        return DEFAULT_BUNDLE_DIR.parent if Path(self.bundle_dir).resolve() == DEFAULT_BUNDLE_DIR.resolve() else None
 
     def key(self, *parts: str) -> str:
         """A namespaced Redis key of the service (never built from client text except hashed ids)."""

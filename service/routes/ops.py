@@ -1,5 +1,5 @@
-"""Operations routes: ``/healthz`` (process up), ``/readyz`` (Redis, a live worker, the bundle),
-``/models`` (bundle, labels, defence defaults, limits) and ``/metrics`` (Prometheus)."""
+"""Operations routes: ``/healthz`` (process up), ``/readyz`` (Redis, a live worker, the bundle) and
+``/metrics`` (Prometheus). ``/models`` is in ``service.routes.models``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
-from service.deps import Owner, RedisDep, SettingsDep
-from service.errors import responses
-from service.schemas import DefenseDefaults, Health, Limits, ModelsInfo, Ready
+from service.deps import RedisDep, SettingsDep
+from service.schemas import Health, Ready
 from worker.serving.model_worker import live_workers
 
 router = APIRouter(tags=["operations"])
@@ -53,45 +52,6 @@ def readyz(request: Request, settings: SettingsDep, connection: RedisDep):
         checks=checks,
     )
     return JSONResponse(ready.model_dump(), status_code=200 if ready.ready else 503)
-
-
-@router.get(
-    "/models",
-    response_model=ModelsInfo,
-    summary="The bundle served: labels, input, defence defaults, limits",
-    responses=responses(401, 503),
-)
-def models(request: Request, _owner: Owner, settings: SettingsDep):
-    meta = request.app.state.bundle_meta
-    if meta is None:
-        from service.errors import ApiError
-
-        raise ApiError(503, "no_bundle", f"no readable bundle at {settings.bundle_dir}", headers={"Retry-After": "30"})
-    d = meta.defense
-    return ModelsInfo(
-        name=meta.name,
-        version=meta.version,
-        labels=meta.labels,
-        input=meta.input.model_dump(),
-        defense=DefenseDefaults(
-            steps=d.steps,
-            step_size=d.step_size,
-            epsilon=d.epsilon,
-            multi=d.multi,
-            mode=settings.defense_mode or d.mode,
-            threshold=meta.auto_threshold(settings.defense_threshold),
-        ),
-        calibration=(
-            {k: v for k, v in meta.calibration.model_dump().items() if k != "sample"} if meta.calibration else None
-        ),
-        limits=Limits(
-            max_upload_bytes=settings.max_upload_bytes,
-            max_steps=settings.max_steps,
-            max_epsilon=settings.max_epsilon,
-            max_top_k=settings.max_top_k,
-            max_clips=settings.max_clips,
-        ),
-    )
 
 
 @router.get(

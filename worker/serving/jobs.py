@@ -171,6 +171,7 @@ def store_outputs(
     timings["encode"] = round(encode_s * 1000, 2)
     timings["total"] = round((time.perf_counter() - started) * 1000, 2)
     timings["queue"] = round(queued_s * 1000, 2)
+    result["model"] = {**result.get("model", {}), **runtime.model_ref()}  # name, version and the bundle's sha256
     result["restored_url"] = f"/jobs/{job_id}/restored"
     result["restored_formats"] = list(settings.restored_formats)
     save_result(connection, settings, job_id, result)

@@ -20,9 +20,13 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def configure(settings: Settings, connection: Redis, bundle: Any, worker_name: str = "") -> None:
+def configure(
+    settings: Settings, connection: Redis, bundle: Any, worker_name: str = "", identity: dict | None = None
+) -> None:
+    """``identity``: the bundle's ``{name, version, sha256}`` (``worker.repository``), computed once."""
     with _lock:
         _state.update(settings=settings, connection=connection, bundle=bundle, worker_name=worker_name)
+        _state["identity"] = identity
 
 
 def settings() -> Settings:
@@ -48,3 +52,15 @@ def bundle() -> Any:
 
 def worker_name() -> str:
     return _state.get("worker_name", "")
+
+
+def model_ref() -> dict[str, str]:
+    """``{name, version, sha256}`` of the loaded bundle: what every result of this worker carries."""
+    identity = _state.get("identity")
+    if identity is None:
+        from worker.repository import bundle_digest
+
+        loaded = bundle()
+        identity = {"name": loaded.meta.name, "version": loaded.meta.version, "sha256": bundle_digest(loaded.path)}
+        _state["identity"] = identity
+    return dict(identity)

@@ -1,0 +1,72 @@
+"""A job runs only on a worker whose bundle is the one the job was admitted for.
+
+The API records the resolved bundle in the job's meta (``model: {name, version, sha256}``, the
+digest of ``worker.repository``) and enqueues it on the model's queue, which every worker of that
+model takes from, whatever version it has loaded (one queue and one autoscaler per model, so a
+rolling upgrade needs no new queue). A worker that takes a job recorded for another bundle (a
+version it does not have, or the same version with other weights) never runs it: the job moves to
+the pinned queue of that bundle (``worker.queueing.pinned_queue``), on which only workers with
+exactly that bundle listen, ahead of their model's queue. A pinned job that no live worker can run
+is failed with a clear error by ``worker.recovery.fail_unserved`` after ``model_wait_s``.
+
+Jobs without a recorded model (tools, jobs queued before models existed) run on a worker of the
+default model, the only kind that listens on the plain queue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis import Redis
+from rq.job import Job
+from rq.queue import Queue
+
+from worker.queueing import pinned_queue
+from worker.serving.model_worker import ModelWorker
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def same_bundle(ref: dict, identity: dict) -> bool:
+    """Whether a job's recorded model is this exact bundle: name, version and digest."""
+    return all(ref.get(k) == identity.get(k) for k in ("name", "version", "sha256"))
+
+
+def accept(connection: Redis, settings: Settings, identity: dict, job: Job, queue: Queue) -> bool:
+    """True: this worker (bundle ``identity``) runs the dequeued ``job``. False: the job was not for
+    this bundle and now waits on its own bundle's pinned queue."""
+    ref = job.meta.get("model")
+    if not ref or same_bundle(ref, identity):
+        return True
+    target = pinned_queue(connection, settings, str(ref.get("name")), str(ref.get("sha256", "")))
+    queue.intermediate_queue.remove(job.id)  # RQ keeps a single-queue worker's dequeued ids there
+    job.meta["reroutes"] = int(job.meta.get("reroutes", 0)) + 1
+    target.enqueue_job(job)
+    log.info(
+        "job %s is for %s v%s (sha256 %.12s), not this worker's %s v%s (sha256 %.12s): moved to %s",
+        job.id,
+        ref.get("name"),
+        ref.get("version"),
+        ref.get("sha256", ""),
+        identity.get("name"),
+        identity.get("version"),
+        identity.get("sha256", ""),
+        target.name,
+    )
+    return False
+
+
+class RoutedWorker(ModelWorker):
+    """A model worker that runs only the jobs admitted for its bundle (``identity``)."""
+
+    identity: dict = {}  # {name, version, sha256}, set by worker.cli.worker before work() starts
+
+    def accepts(self, job: Job, queue: Queue) -> bool:
+        return accept(self.connection, self.settings, self.identity, job, queue)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        while True:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            if result is None or self.accepts(*result):
+                return result
