@@ -134,14 +134,20 @@ def fit_signal(values: Iterable[float], tail_share: float = DEFAULT_TAIL_SHARE) 
     data = torch.tensor([float(v) for v in values if math.isfinite(float(v))], dtype=torch.float64).sort().values
     if data.numel() < 2:
         raise ValueError("a flag signal needs at least two finite clean values")
-    start = float(torch.quantile(data, 1 - tail_share))
+    sample = data
+    if sample.numel() > SAMPLE_SIZE:
+        sample = sample[torch.linspace(0, sample.numel() - 1, SAMPLE_SIZE).round().long()]
+    # Where the body (``survival``'s interpolation of the stored sample) reaches tail_share: the tail
+    # joins it there, so the tail probability is continuous.
+    m = sample.numel()
+    position = min(max((1 - tail_share) * (m + 1), 1.0), float(m))  # 1-based, between sample values
+    low = int(math.floor(position))
+    high = min(low + 1, m)
+    start = float(sample[low - 1] + (sample[high - 1] - sample[low - 1]) * (position - low))
     excess = data[data > start] - start
     spread = float(data[-1] - data[0])
     scale = float(excess.mean()) if excess.numel() else 0.0
     scale = max(scale, 1e-3 * spread, 1e-9)
-    sample = data
-    if sample.numel() > SAMPLE_SIZE:
-        sample = sample[torch.linspace(0, sample.numel() - 1, SAMPLE_SIZE).round().long()]
     return SignalCalibration(
         sample=[float(v) for v in sample],
         tail_start=start,

@@ -114,6 +114,7 @@ def calibrate_flag_bundle(
     batch_size: int = 8,
     device: str = "cpu",
     command: str | None = None,
+    values_out: Path | None = None,
 ) -> FlagCalibration:
     """Measure every signal on ``n`` clean clips of a MotionShapes split with the bundle's own models
     and write the ``flag`` section of its bundle.json (re-read first, so only that field changes)."""
@@ -128,6 +129,11 @@ def calibrate_flag_bundle(
         defend=defend,
         batch_size=batch_size,
     )
+    if values_out is not None:  # the per-clip values: a refit (another fpr, tail) needs no rerun
+        import json
+
+        Path(values_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(values_out).write_text(json.dumps({"split": split, "n": n, "defend": defend, "values": values}) + "\n")
     # purify_change is only defined where the purification ran (defend=auto: a few clips).
     values = {k: [v for v in vs if math.isfinite(v)] for k, vs in values.items()}
     flag = calibrate_flag(values, fpr=fpr, auto_quantile=auto_quantile, source=f"motionshapes:{split}", command=command)

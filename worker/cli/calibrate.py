@@ -59,6 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "also with uniform noise of --noise (1/255), write JSON here; the bundle is not changed",
     )
     flag.add_argument("--noise", type=float, default=8.0, help="--check-flags: uniform noise in 1/255")
+    flag.add_argument("--values-out", type=Path, default=None, help="--flag: also write every clip's signal values")
 
 
 def video_clips(folder: Path, frames: int, height: int, width: int, resize: str, n: int, per_video: int):
@@ -162,6 +163,7 @@ def _run_flag(args: argparse.Namespace, bundle_dir: Path, meta) -> int:
             batch_size=args.batch,
             device=args.device,
             command=command,
+            values_out=args.values_out,
         )
         print(json.dumps({"n": flag.n, "thresholds": flag.thresholds, "auto_threshold": flag.auto_threshold}))
         return 0
