@@ -29,7 +29,7 @@ from redis import Redis
 from rq.job import Job
 
 from service.errors import RETRY_AFTER_S, ApiError
-from worker.queueing import model_queue_key, model_slots_key, queue_key
+from worker.queueing import default_model_name, model_queue_key, model_slots_key
 from worker.settings import Settings
 
 PENDING = "pending:"  # idempotency value while the job's upload is being received
@@ -103,9 +103,9 @@ def idempotency_key(settings: Settings, owner: str, client_key: str) -> str:
 
 
 def _queue_keys(settings: Settings, model: str | None) -> tuple[str, str]:
-    """(queue list, queued-slot zset) of a model; ``None``: the plain queue (jobs without a model)."""
+    """(queue list, queued-slot zset) of a model; ``None``: the default model's."""
     if model is None:
-        return queue_key(settings), settings.key("queued_jobs")
+        model = default_model_name(settings) or ""
     return model_queue_key(settings, model), model_slots_key(settings, model)
 
 

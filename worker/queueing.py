@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+from pathlib import Path
+
 from redis import Redis
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
@@ -29,22 +33,41 @@ def cancel_key(settings: Settings, job_id: str) -> str:
 
 # --- Per-model queues (worker.repository): one per model name, as KEDA and the deploy files see it --
 #
-# ``<queue_name>.<model>`` holds the jobs the API admitted for that model (every version: a rolling
-# upgrade keeps one queue and one autoscaler). A worker also listens on the pinned queue of its own
-# bundle, ``<queue_name>.<model>@<digest>``: a worker that takes a job recorded for another version or
-# digest moves it there, for a worker that has that very bundle (worker.serving.routing). The plain
-# ``<queue_name>`` queue stays for jobs enqueued without a model (tools, jobs queued before models
-# existed); workers of the default model take them.
+# The default model (MOTIONGUARD_BUNDLE_DIR's) keeps the plain ``<queue_name>`` queue, so a deployment
+# of one model is what it was (same queue, same autoscaler); any other model has
+# ``<queue_name>.<model>``. A model's queue holds the jobs admitted for it, every version alike (a
+# rolling upgrade keeps one queue and one autoscaler). A worker that takes a job recorded for
+# another bundle moves it to that bundle's pinned queue ``<queue_name>.<model>@<digest>``, which only
+# workers with exactly that bundle take from (worker.serving.routing). A worker blocks on its
+# model's queue alone, so RQ keeps each dequeued id in its intermediate list until the job starts.
+
+
+def default_model_name(settings: Settings) -> str | None:
+    """The ``name`` in ``bundle_dir``'s bundle.json (None when it is unreadable)."""
+    path = Path(settings.bundle_dir) / "bundle.json"
+    try:
+        return _bundle_name(str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=32)
+def _bundle_name(path: str, _mtime_ns: int) -> str | None:
+    try:
+        name = json.loads(Path(path).read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(name) if name else None
 
 
 def model_queue_name(settings: Settings, model: str) -> str:
-    return f"{settings.queue_name}.{model}"
+    return settings.queue_name if model == default_model_name(settings) else f"{settings.queue_name}.{model}"
 
 
 def pinned_queue_name(settings: Settings, model: str, sha256: str) -> str:
     from worker.repository import DIGEST_PREFIX
 
-    return f"{model_queue_name(settings, model)}@{sha256[:DIGEST_PREFIX]}"
+    return f"{settings.queue_name}.{model}@{sha256[:DIGEST_PREFIX]}"
 
 
 def model_queue(connection: Redis, settings: Settings, model: str) -> Queue:

@@ -7,8 +7,7 @@ seconds if it is killed outright. ``--max-batch-clips N`` (> 1) makes it a batch
 
 ``--model NAME[:VERSION]`` picks a bundle of the model repository (``worker.repository``; default:
 ``MOTIONGUARD_BUNDLE_DIR``'s). The worker takes jobs from that model's queue and from its own
-bundle's pinned queue, and runs only jobs admitted for exactly its bundle (``worker.serving.routing``);
-a worker of the default model also takes jobs queued without a model on the plain queue.
+bundle's pinned queue, and runs only jobs admitted for exactly its bundle (``worker.serving.routing``).
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         raise UserError("MOTIONGUARD_REDIS_URL is not set: a worker needs the service's Redis")
 
-    default_name = _default_model_name(settings)
+    default_dir = settings.bundle_dir  # its model keeps the plain queue (worker.queueing)
     if args.model:
         settings = settings.model_copy(update={"bundle_dir": _model_dir(settings, args.model)})
 
@@ -103,23 +102,19 @@ def run(args: argparse.Namespace) -> int:
     if args.queues:
         queues = [make_queue(connection, settings.model_copy(update={"queue_name": name})) for name in args.queues]
     else:
-        queues = [
-            pinned_queue(connection, settings, identity["name"], digest),
-            model_queue(connection, settings, identity["name"]),
-        ]
-        if identity["name"] == default_name:
-            queues.append(make_queue(connection, settings))
+        queues = [model_queue(connection, settings.model_copy(update={"bundle_dir": default_dir}), identity["name"])]
     name = args.name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     worker = RoutedWorker(queues, connection=connection, serializer=JSONSerializer, name=name)
     worker.settings = settings
     worker.identity = identity
+    worker.pinned = pinned_queue(connection, settings, identity["name"], digest)
     runtime.configure(settings, connection, bundle, worker_name=name, identity=identity)
     info = {
         "bundle": bundle.meta.name,
         "version": bundle.meta.version,
         "sha256": digest,
         "device": settings.device,
-        "queues": [q.name for q in queues],
+        "queues": [*(q.name for q in queues), worker.pinned.name],
     }
     liveness = LivenessThread(worker, settings, info)
     recovery = RecoveryThread(connection, settings)
@@ -142,17 +137,6 @@ def run(args: argparse.Namespace) -> int:
         recovery.stop()
         liveness.stop()
     return 0
-
-
-def _default_model_name(settings) -> str | None:
-    """The name in ``MOTIONGUARD_BUNDLE_DIR``'s bundle.json: its workers also take model-less jobs."""
-    from models.bundle_meta import read_bundle_meta
-    from models.errors import BundleError
-
-    try:
-        return read_bundle_meta(settings.bundle_dir).name
-    except BundleError:
-        return None
 
 
 def _model_dir(settings, spec: str):

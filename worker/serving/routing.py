@@ -16,6 +16,7 @@ default model, the only kind that listens on the plain queue.
 from __future__ import annotations
 
 import logging
+import time
 
 from redis import Redis
 from rq.job import Job
@@ -26,6 +27,8 @@ from worker.serving.model_worker import ModelWorker
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+PINNED_POLL_S = 1  # longest wait of an idle worker before it looks at its pinned queue again (s)
 
 
 def same_bundle(ref: dict, identity: dict) -> bool:
@@ -58,15 +61,37 @@ def accept(connection: Redis, settings: Settings, identity: dict, job: Job, queu
 
 
 class RoutedWorker(ModelWorker):
-    """A model worker that runs only the jobs admitted for its bundle (``identity``)."""
+    """A model worker that runs only the jobs admitted for its bundle (``identity``).
+
+    It blocks on its model's queue alone (RQ then keeps a dequeued id in the queue's intermediate
+    list until the job starts, so a worker killed in between loses nothing) and looks at its
+    bundle's pinned queue before each wait, which is at most ``PINNED_POLL_S`` long."""
 
     identity: dict = {}  # {name, version, sha256}, set by worker.cli.worker before work() starts
+    pinned: Queue | None = None  # this bundle's pinned queue (worker.queueing.pinned_queue)
 
     def accepts(self, job: Job, queue: Queue) -> bool:
         return accept(self.connection, self.settings, self.identity, job, queue)
 
+    def _take_pinned(self) -> tuple[Job, Queue] | None:
+        if self.pinned is None:
+            return None
+        return Queue.dequeue_any(
+            [self.pinned], None, connection=self.connection, job_class=self.job_class, serializer=self.serializer
+        )
+
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        idle_since = time.monotonic()
         while True:
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            if result is None or self.accepts(*result):
-                return result
+            result = self._take_pinned()
+            if result is None:
+                wait = None if timeout is None else max(1, min(PINNED_POLL_S, timeout))
+                result = super().dequeue_job_and_maintain_ttl(wait, max_idle_time=None if wait is None else wait)
+            if result is not None:
+                if self.accepts(*result):
+                    return result
+                continue
+            if timeout is None or self.stopping:
+                return None  # burst mode: the queues are empty
+            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                return None
