@@ -134,6 +134,9 @@ class FlagCalibration(_Strict):
     thresholds: dict[str, float]
     auto_threshold: float | None = None
     auto_quantile: float | None = None
+    score_sample: list[float] = Field(
+        default_factory=list, description="clean input scores over the threshold (the drift reference)"
+    )
     command: str | None = None
 
 

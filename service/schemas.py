@@ -31,7 +31,17 @@ class ClipResult(BaseModel):
     labels: list[LabelScore]
     mc_loss_before: float
     mc_loss_after: float
-    suspected_attack: bool
+    suspected_attack: bool = Field(description="the attack flag is up: attack_score > 1")
+    attack_score: float | None = Field(
+        default=None,
+        description="the flag's combined score over its threshold (> 1: suspected attack): the largest clean-tail "
+        "surprise of the signals, or, for a bundle without a flag calibration, MC loss / threshold; null when the "
+        "bundle has no calibration or the result was stored before the field existed",
+    )
+    signals: dict[str, float] = Field(
+        default_factory=dict,
+        description="the flag's signal values: mc, mc_multi, updates, noise, margin, purify_change (purified clips)",
+    )
     mc_trajectory: list[float] = Field(default_factory=list, description="MC loss per defence step")
     decision: Literal["purified", "stopped_early", "skipped", "off"] | None = Field(
         default=None,

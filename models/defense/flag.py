@@ -231,17 +231,30 @@ def calibrate_flag(
     )
     thresholds: dict[str, float] = {}
     auto = None
+    score_sample: list[float] = []
     for set_name, names in SIGNAL_SETS.items():
         present = {n: torch.tensor(list(clean[n]), dtype=torch.float64) for n in names if n in clean}
         if not present:
             continue
         scores = combine(surprises(present, draft))
         thresholds[set_name] = float(torch.quantile(scores, 1 - fpr))
-        if set_name == "input" and auto_quantile is not None:
-            auto = float(torch.quantile(scores, auto_quantile))
+        if set_name == "input":
+            if auto_quantile is not None:
+                auto = float(torch.quantile(scores, auto_quantile))
+            ordered = (scores / thresholds[set_name]).sort().values
+            if ordered.numel() > SAMPLE_SIZE:
+                ordered = ordered[torch.linspace(0, ordered.numel() - 1, SAMPLE_SIZE).round().long()]
+            score_sample = [round(float(v), 6) for v in ordered]
     if "defended" not in thresholds:
         thresholds["defended"] = thresholds["input"]
-    return draft.model_copy(update={"thresholds": thresholds, "auto_threshold": auto, "auto_quantile": auto_quantile})
+    return draft.model_copy(
+        update={
+            "thresholds": thresholds,
+            "auto_threshold": auto,
+            "auto_quantile": auto_quantile,
+            "score_sample": score_sample,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------

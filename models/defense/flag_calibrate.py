@@ -115,9 +115,16 @@ def calibrate_flag_bundle(
     device: str = "cpu",
     command: str | None = None,
     values_out: Path | None = None,
+    values_in: Path | None = None,
 ) -> FlagCalibration:
     """Measure every signal on ``n`` clean clips of a MotionShapes split with the bundle's own models
-    and write the ``flag`` section of its bundle.json (re-read first, so only that field changes)."""
+    and write the ``flag`` section of its bundle.json (re-read first, so only that field changes).
+    ``values_out`` keeps each clip's values; ``values_in`` refits such a file without running a model."""
+    import json
+
+    if values_in is not None:
+        stored = json.loads(Path(values_in).read_text())
+        return _store_flag(bundle_dir, stored["values"], stored["split"], fpr, auto_quantile, command)
     from models.bundle.load import load_bundle
     from models.defense.calibrate import synthetic_clips
 
@@ -129,17 +136,26 @@ def calibrate_flag_bundle(
         defend=defend,
         batch_size=batch_size,
     )
-    if values_out is not None:  # the per-clip values: a refit (another fpr, tail) needs no rerun
-        import json
-
+    if values_out is not None:
         Path(values_out).parent.mkdir(parents=True, exist_ok=True)
         Path(values_out).write_text(json.dumps({"split": split, "n": n, "defend": defend, "values": values}) + "\n")
+    return _store_flag(bundle_dir, values, split, fpr, auto_quantile, command)
+
+
+def _store_flag(
+    bundle_dir: str | Path,
+    values: dict[str, list[float]],
+    split: str,
+    fpr: float,
+    auto_quantile: float | None,
+    command: str | None,
+) -> FlagCalibration:
     # purify_change is only defined where the purification ran (defend=auto: a few clips).
     values = {k: [v for v in vs if math.isfinite(v)] for k, vs in values.items()}
     flag = calibrate_flag(values, fpr=fpr, auto_quantile=auto_quantile, source=f"motionshapes:{split}", command=command)
     fresh = read_bundle_meta(bundle_dir)
     write_bundle_meta(bundle_dir, fresh.model_copy(update={"flag": flag}))
-    log.info("flag calibrated on %d clean clips: thresholds %s", n, flag.thresholds)
+    log.info("flag calibrated on %d clean clips: thresholds %s", flag.n, flag.thresholds)
     return flag
 
 

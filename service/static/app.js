@@ -317,6 +317,15 @@
     return li;
   }
 
+  // The flag's signals as a tooltip: the score is over 1 when any of them is far out of its clean range.
+  function describeSignals(clip) {
+    const signals = clip.signals || {};
+    const names = Object.keys(signals);
+    if (!names.length) return "";
+    return "Score over the flag threshold (above 1: suspected). Signals: " +
+      names.map((n) => n + " " + fmt(signals[n], 4)).join(", ");
+  }
+
   function showResult(job, result) {
     const labels = $("video-labels");
     for (const entry of result.labels || []) labels.append(labelItem(entry));
@@ -342,12 +351,14 @@
         fmt(clip.mc_loss_after, 4),
         describeDecision(clip),
         clip.suspected_attack ? "Yes: suspected attack" : "No",
+        clip.attack_score == null ? "–" : fmt(clip.attack_score, 2),
       ];
       cells.forEach((text, i) => {
         const td = document.createElement(i === 0 ? "th" : "td");
         if (i === 0) td.scope = "row";
         td.textContent = text;
-        if (i === 6 && clip.suspected_attack) td.className = "flag";
+        if ((i === 6 || i === 7) && clip.suspected_attack) td.className = "flag";
+        if (i === 7) td.title = describeSignals(clip);
         tr.append(td);
       });
       tbody.append(tr);

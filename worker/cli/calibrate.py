@@ -60,6 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     flag.add_argument("--noise", type=float, default=8.0, help="--check-flags: uniform noise in 1/255")
     flag.add_argument("--values-out", type=Path, default=None, help="--flag: also write every clip's signal values")
+    flag.add_argument(
+        "--from-values", type=Path, default=None, help="--flag: refit from a --values-out file (no model runs)"
+    )
 
 
 def video_clips(folder: Path, frames: int, height: int, width: int, resize: str, n: int, per_video: int):
@@ -164,6 +167,7 @@ def _run_flag(args: argparse.Namespace, bundle_dir: Path, meta) -> int:
             device=args.device,
             command=command,
             values_out=args.values_out,
+            values_in=args.from_values,
         )
         print(json.dumps({"n": flag.n, "thresholds": flag.thresholds, "auto_threshold": flag.auto_threshold}))
         return 0

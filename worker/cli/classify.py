@@ -55,6 +55,8 @@ def format_human(result: dict) -> str:
     for clip in result["clips"]:
         top = clip["labels"][0]
         flag = "  SUSPECTED ATTACK" if clip["suspected_attack"] else ""
+        if clip.get("attack_score") is not None:
+            flag = f"  attack score {clip['attack_score']:.2f}{flag}"
         lines.append(
             f"  #{clip['index']} frames {clip['start_frame']}-{clip['end_frame']}: {top['label']} ({top['score']:.3f})"
             f"  MC loss {clip['mc_loss_before']:.4f} -> {clip['mc_loss_after']:.4f}"
