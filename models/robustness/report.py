@@ -2,9 +2,9 @@
 
 One code path summarises a single ``motionguard eval`` run and several merged ones
 (``motionguard eval report a.json b.json``: row groups or clip shards run in separate processes),
-so the README's numbers are exactly what the per-clip records say.
+so the published numbers (docs/robustness.md) are exactly what the per-clip records say.
 
-Definitions (also written into the README section):
+Definitions (also written into docs/robustness.md):
 
 - ``defended``: the real defended prediction of the clip the attack returned is correct.
 - ``flagged``: the clip's MC loss before any defence (inference flow) is over the bundle's

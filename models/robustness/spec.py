@@ -2,8 +2,8 @@
 
 A spec names the attack kind, the L-inf budget in 1/255 and options; ``run_attack`` turns it into an
 ``AttackResult``: the clips to score and, for attacks that look for their first success, where they
-found it. Defaults are the ones the evaluation's tables use (documented in the README's Robustness
-section, which ``motionguard eval report`` writes).
+found it. Defaults are the ones the evaluation's tables use (documented in docs/robustness.md,
+whose tables ``motionguard eval report`` writes).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ workers (the ScaledObject of docker/k8s by default), for a fixed fleet of the sa
 workers as the autoscaled run's average), and for the smallest fixed fleet that matches the
 autoscaled p99: p50/p99 job latency (upload to result), worker-hours and the queue peak. A job costs
 ``--clip-s`` x ``--clips`` seconds of one worker; the default 330 s is the measured ``bench service``
-figure for one 16x128x128 clip at 20 defence steps on 2 CPU cores (README, Benchmarks). With
+figure for one 16x128x128 clip at 20 defence steps on 2 CPU cores (docs/benchmarks.md). With
 ``--png DIR`` it draws queue length, replicas and latency over time, one PNG per trace.
 """
 
@@ -21,7 +21,7 @@ from service.bench.autoscale_sim import KedaRule, Run, burst_trace, day_trace, s
 
 log = logging.getLogger(__name__)
 
-MEASURED_CLIP_S = 330.0  # bench service, 16x128x128, 20 steps, 1 CPU worker (README)
+MEASURED_CLIP_S = 330.0  # bench service, 16x128x128, 20 steps, 1 CPU worker (docs/benchmarks.md)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.clip_s <= 0 or args.clips < 1 or args.list_length < 1 or not 0 <= args.min_replicas <= args.max_replicas:
         raise UserError("need --clip-s > 0, --clips >= 1, --list-length >= 1, 0 <= --min-replicas <= --max-replicas")
     if args.min_replicas == 0:
-        raise UserError("--min-replicas 0 is not simulated (the API's /readyz needs a live worker; see README Deploy)")
+        raise UserError("--min-replicas 0 is not simulated (the API's /readyz needs a live worker; see docs/deploy.md)")
     rule = _rule(args)
     job_cost_s = args.clip_s * args.clips
     traces = {

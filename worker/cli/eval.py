@@ -48,7 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attacks",
         default=DEFAULT_ATTACKS,
-        help="comma-separated kind:eps[:key=value], e.g. pgd:8,through:8:unroll=4,bpda:8:detector=100 (README)",
+        help="comma-separated kind:eps[:key=value], e.g. pgd:8,through:8:unroll=4,bpda:8:detector=100"
+        " (docs/robustness.md)",
     )
     parser.add_argument("--clean-n", type=int, default=None, help="clips for the clean row (default --n; 0: none)")
     parser.add_argument(
