@@ -17,8 +17,10 @@ from service import admission, metrics
 from service.deps import Owner, RedisDep, SettingsDep
 from service.errors import ApiError, responses
 from service.job_view import fetch_owned, job_info, state_of
+from service.routes.models import UNKNOWN_MODEL, resolve_model
 from service.schemas import Canceled, JobAccepted, JobInfo
-from worker.queueing import JOB_FUNCTION, cancel_key, make_queue
+from worker.queueing import JOB_FUNCTION, cancel_key, model_queue
+from worker.repository import ModelEntry
 from worker.settings import Settings
 from worker.storage import RESTORED_FORMATS, blob_store, discard_upload, stash_upload, upload_path
 from worker.video import VideoInfo, VideoLimits, VideoTooLarge, probe_video
@@ -101,6 +103,7 @@ def _accepted(job_id: str, status: str) -> JSONResponse:
     responses={
         202: {"description": "accepted; poll status_url (also in Location)"},
         **responses(401, 409, 413, 415, 422, 429, 503),
+        **UNKNOWN_MODEL,
     },
     openapi_extra=MULTIPART_BODY,
 )
@@ -120,24 +123,25 @@ async def classify(
     multi: Annotated[bool | None, Query(description="multi-constraint MC loss (default: the bundle's)")] = None,
     steps: Annotated[int | None, Query(ge=0, description="defence steps (default: the bundle's; <= max_steps)")] = None,
     epsilon: Annotated[float | None, Query(gt=0, description="purification radius eps_r (<= max_epsilon)")] = None,
+    model: Annotated[
+        str | None, Query(max_length=200, description="a model of GET /models (default: the server's default model)")
+    ] = None,
+    version: Annotated[
+        str | None, Query(max_length=200, description="a version of that model (default: the one served)")
+    ] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JSONResponse:
-    if request.app.state.bundle_meta is None:
-        raise ApiError(
-            503,
-            "no_bundle",
-            f"no readable bundle at {settings.bundle_dir}",
-            reason="unavailable",
-            headers={"Retry-After": "30"},
-        )
+    entry = resolve_model(request, model, version)  # 404 unknown, 422 not served: before anything is stored
     top_k = top_k or settings.default_top_k
     _check_params(settings, top_k, steps, epsilon)
-    mode = _defense_mode(defend, request.app.state.bundle_meta, settings)
+    mode = _defense_mode(defend, entry.meta, settings)
     if steps is None:
         steps = settings.default_steps
     job_id = secrets.token_hex(16)
     # One atomic step in Redis (service.admission): idempotent replay, queue capacity, in-flight cap.
-    existing = await run_in_threadpool(admission.admit, connection, settings, owner, job_id, idempotency_key)
+    existing = await run_in_threadpool(
+        admission.admit, connection, settings, owner, job_id, idempotency_key, entry.name
+    )
     if existing:
         job = await run_in_threadpool(fetch_owned, connection, existing, owner)
         return _accepted(job.id, state_of(job))
@@ -145,15 +149,15 @@ async def classify(
     try:
         await receive_upload_checked(request, path, settings)
         info = await run_in_threadpool(_probe, path, settings)
-        meta = request.app.state.bundle_meta
+        meta = entry.meta
         bundle_steps = steps if steps is not None else meta.defense.steps
         clips = _estimated_clips(info, meta.input.frames, settings)
         params = {"defend": mode, "top_k": top_k, "multi": multi, "steps": steps, "epsilon": epsilon}
         await run_in_threadpool(stash_upload, connection, settings, job_id)
-        await run_in_threadpool(_enqueue, connection, settings, job_id, owner, params, clips, bundle_steps)
+        await run_in_threadpool(_enqueue, connection, settings, job_id, owner, params, clips, bundle_steps, entry)
     except BaseException:
         discard_upload(connection, settings, job_id)
-        admission.release(connection, settings, owner, job_id, idempotency_key)
+        admission.release(connection, settings, owner, job_id, idempotency_key, entry.name)
         raise
     if idempotency_key:
         admission.complete_idempotency(connection, settings, owner, idempotency_key, job_id)
@@ -169,8 +173,11 @@ async def receive_upload_checked(request: Request, path, settings: Settings) -> 
         raise ApiError(415, "not_a_video", "the uploaded file is empty", reason="not_video")
 
 
-def _enqueue(connection, settings: Settings, job_id: str, owner: str, params: dict, clips: int, steps: int) -> None:
-    queue = make_queue(connection, settings)
+def _enqueue(
+    connection, settings: Settings, job_id: str, owner: str, params: dict, clips: int, steps: int, entry: ModelEntry
+) -> None:
+    """On the model's queue, pinned to the bundle (name, version, sha256): no other one runs it."""
+    queue = model_queue(connection, settings, entry.name)
     queue.enqueue(
         JOB_FUNCTION,
         params,
@@ -179,7 +186,7 @@ def _enqueue(connection, settings: Settings, job_id: str, owner: str, params: di
         result_ttl=settings.result_ttl_s,
         failure_ttl=settings.result_ttl_s,
         ttl=settings.result_ttl_s,
-        meta={"owner": owner, "estimated_clips": clips},
+        meta={"owner": owner, "estimated_clips": clips, "model": entry.ref},
     )
 
 
