@@ -21,8 +21,11 @@ CAP = 4
 UPLOADS = 32
 
 
-def fire(urls: list[str], video: bytes, count: int, headers: dict) -> list[httpx.Response]:
-    """``count`` uploads released at once by a barrier, alternating between the API processes."""
+def fire(
+    urls: list[str], video: bytes, count: int, headers: dict, params: list[dict] | None = None
+) -> list[httpx.Response]:
+    """``count`` uploads released at once by a barrier, alternating between the API processes;
+    ``params[i]``: the query of upload i (default: steps=0)."""
     barrier = threading.Barrier(count)
     responses: list[httpx.Response | None] = [None] * count
 
@@ -31,7 +34,7 @@ def fire(urls: list[str], video: bytes, count: int, headers: dict) -> list[httpx
             barrier.wait()
             responses[index] = client.post(
                 f"{urls[index % len(urls)]}/classify",
-                params={"steps": 0},
+                params=params[index] if params else {"steps": 0},
                 files={"file": ("v.mp4", video)},
                 headers=headers,
             )
@@ -92,6 +95,78 @@ def test_two_api_processes_admit_exactly_the_cap(service_env, tmp_path):
 
         settings = settings_from_env(env)
         make_queue(Redis.from_url(settings.redis_url), settings).empty()
+        for api in apis:
+            if api.proc and api.proc.poll() is None:
+                api.stop()
+
+
+QUEUE_CAP = 3
+
+
+def test_the_queue_cap_holds_under_a_burst_per_model(service_env, random_bundle, tmp_path):
+    """Two API processes, no worker, ``MOTIONGUARD_MAX_QUEUED=3``: 32 simultaneous uploads for each of
+    two models (64 at once) admit exactly 3 per model; every other one is a 503 queue_full with
+    Retry-After, refused before its body was stored. The queue slot is reserved in the admission
+    script, so uploads still being received count against the cap."""
+    import shutil
+
+    from models.bundle_meta import read_bundle_meta, write_bundle_meta
+
+    tag = uuid.uuid4().hex[:8]
+    repository = tmp_path / "repository"
+    shutil.copytree(random_bundle, repository / "beta")
+    meta = read_bundle_meta(repository / "beta")
+    write_bundle_meta(repository / "beta", meta.model_copy(update={"name": "beta", "version": "1"}))
+    env = {
+        **service_env,
+        "MOTIONGUARD_QUEUE_NAME": f"burst-{tag}",
+        "MOTIONGUARD_KEY_PREFIX": f"burst-{tag}",
+        "MOTIONGUARD_DATA_DIR": str(tmp_path / "data"),
+        "MOTIONGUARD_MODEL_REPOSITORY": str(repository),
+        "MOTIONGUARD_MAX_QUEUED": str(QUEUE_CAP),
+        "MOTIONGUARD_MAX_INFLIGHT_PER_KEY": "1000",
+    }
+    video = write_video(tmp_path / "v.mp4", count=4, height=64, width=64).read_bytes()
+    apis = [ServeProcess(env, tmp_path / f"api-{i}.log", "--workers", "0") for i in range(2)]
+    models = [read_bundle_meta(random_bundle).name, "beta"]
+    try:
+        for api in apis:
+            api.start()
+        urls = [api.url for api in apis]
+        # upload i goes to API process i % 2 and to model (i // 2) % 2: each model gets 16 per process
+        params = [{"steps": 0, "model": models[(i // 2) % 2]} for i in range(2 * UPLOADS)]
+        responses = fire(urls, video, 2 * UPLOADS, ALICE, params)
+        for model in models:
+            mine = [r for r, p in zip(responses, params, strict=True) if p["model"] == model]
+            codes = Counter(r.status_code for r in mine)
+            assert codes == {202: QUEUE_CAP, 503: UPLOADS - QUEUE_CAP}, (model, codes)
+            for refused in (r for r in mine if r.status_code == 503):
+                assert refused.json()["error"]["code"] == "queue_full" and model in refused.json()["error"]["message"]
+                assert int(refused.headers["Retry-After"]) > 0
+        # Only the accepted uploads were stored; each accepted job waits on its own model's queue.
+        settings = settings_from_env(env)
+        assert len(list(settings.upload_dir.iterdir())) == 2 * QUEUE_CAP
+        from redis import Redis
+
+        from worker.queueing import model_queue
+
+        connection = Redis.from_url(settings.redis_url)
+        for model in models:
+            assert model_queue(connection, settings, model).count == QUEUE_CAP
+        # A third model name is no queue at all: 404 before the upload is read.
+        unknown = httpx.post(
+            f"{urls[0]}/classify", params={"model": "gamma"}, files={"file": ("v.mp4", video)}, headers=ALICE
+        )
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_model"
+        assert len(list(settings.upload_dir.iterdir())) == 2 * QUEUE_CAP
+    finally:
+        from redis import Redis
+
+        from worker.queueing import model_queue
+
+        settings = settings_from_env(env)
+        for model in models:
+            model_queue(Redis.from_url(settings.redis_url), settings, model).empty()
         for api in apis:
             if api.proc and api.proc.poll() is None:
                 api.stop()
