@@ -14,6 +14,7 @@ from collections import Counter as Counter_
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from worker.monitoring import flag_metrics
 from worker.monitoring import metrics as worker_metrics
 from worker.monitoring.drift import drift_families
 from worker.queueing import queue_key
@@ -37,10 +38,12 @@ class RedisAggregates:
         self.state = app_state
 
     def _hist(
-        self, connection, settings, name: str, label_name: str, buckets, doc: str, bundles
+        self, connection, settings, name: str, label_name: str | None, buckets, doc: str, bundles, labels=None
     ) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(f"motionguard_{name}", doc, labels=[label_name, "model", "version"])
-        labels = worker_metrics.STAGES if name == "job_seconds" else ("before", "after")
+        """One histogram family; ``label_name`` None: a single series per bundle (stored under ``labels[0]``)."""
+        names = [label_name, "model", "version"] if label_name else ["model", "version"]
+        family = HistogramMetricFamily(f"motionguard_{name}", doc, labels=names)
+        labels = labels or (worker_metrics.STAGES if name == "job_seconds" else ("before", "after"))
         for model, version in bundles:
             for label in labels:
                 raw = connection.hgetall(worker_metrics.hist_key(settings, name, label, model, version))
@@ -51,7 +54,9 @@ class RedisAggregates:
                     points.append((repr(bound), cumulative))
                 cumulative += data.get("inf", 0.0)
                 points.append(("+Inf", cumulative))
-                family.add_metric([label, model, version], points, data.get("sum", 0.0))
+                if label_name is None and not data:
+                    continue  # a bundle without this figure (a flag-less bundle's score) shows no series
+                family.add_metric(([label] if label_name else []) + [model, version], points, data.get("sum", 0.0))
         return family
 
     def collect(self):
@@ -123,6 +128,31 @@ class RedisAggregates:
                     bundles,
                 ),
                 *drift_families(connection, worker_metrics.drift_prefix(settings)),
+                self._hist(
+                    connection,
+                    settings,
+                    "attack_signal",
+                    "signal",
+                    flag_metrics.SIGNAL_BUCKETS,
+                    "per-clip value of each signal of the attack flag",
+                    bundles,
+                    flag_metrics.SIGNAL_NAMES,
+                ),
+                self._hist(
+                    connection,
+                    settings,
+                    "attack_score",
+                    None,
+                    flag_metrics.SCORE_BUCKETS,
+                    "per-clip attack score over the flag threshold (> 1: suspected attack)",
+                    bundles,
+                    ("score",),
+                ),
+                *drift_families(
+                    connection,
+                    flag_metrics.score_drift_prefix(worker_metrics.drift_prefix(settings)),
+                    metric="attack_score",
+                ),
             ]
         except Exception:  # noqa: BLE001 - a scrape must not fail because Redis is away
             log.warning("could not read worker metrics from Redis", exc_info=True)

@@ -334,8 +334,13 @@ EXPORTED_METRICS = {
     "motionguard_requests_rejected_total",
     "motionguard_clips_total",
     "motionguard_defence_steps_total",
+    "motionguard_attack_signal",
+    "motionguard_attack_score",
+    "motionguard_attack_score_drift",
+    "motionguard_attack_score_suspected_share",
+    "motionguard_attack_score_drift_window_clips",
 }
-HISTOGRAMS = {"motionguard_job_seconds", "motionguard_mc_loss"}
+HISTOGRAMS = {"motionguard_job_seconds", "motionguard_mc_loss", "motionguard_attack_signal", "motionguard_attack_score"}
 PROMQL_WORDS = {
     *"sum min max avg count stddev stdvar topk bottomk quantile count_values group".split(),
     *"by without on ignoring group_left group_right and or unless bool offset le inf nan".split(),

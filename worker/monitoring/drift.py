@@ -324,28 +324,31 @@ class DriftWindow:
         return sorted(windows, key=lambda w: (w.model, w.version))
 
 
-def drift_families(redis, prefix: str = KEY_PREFIX) -> list:
+def drift_families(redis, prefix: str = KEY_PREFIX, metric: str = "mc_loss") -> list:
     """The drift gauges of every bundle's window, as ``prometheus_client`` metric families.
 
-    ``motionguard_mc_loss_drift``, ``motionguard_mc_loss_suspected_share`` and
-    ``motionguard_mc_loss_drift_window_clips``, labelled ``model`` and ``version``.  Raises on Redis errors
-    (the caller decides; a scrape should usually go on without these series).
+    ``motionguard_<metric>_drift``, ``motionguard_<metric>_suspected_share`` and
+    ``motionguard_<metric>_drift_window_clips``, labelled ``model`` and ``version``; ``metric`` is
+    ``mc_loss`` (the MC loss before defence) or ``attack_score`` (the multi-signal flag's score, its
+    windows under their own ``prefix``).  Raises on Redis errors (the caller decides; a scrape should
+    usually go on without these series).
     """
     from prometheus_client.core import GaugeMetricFamily
 
     labels = ["model", "version"]
+    what = "MC loss before defence" if metric == "mc_loss" else metric.replace("_", " ")
     drift = GaugeMetricFamily(
-        "motionguard_mc_loss_drift",
-        "Two-sample KS distance in [0,1] between the recent window of clips' MC loss before defence "
+        f"motionguard_{metric}_drift",
+        f"Two-sample KS distance in [0,1] between the recent window of clips' {what} "
         "and the bundle's clean calibration",
         labels=labels,
     )
     share = GaugeMetricFamily(
-        "motionguard_mc_loss_suspected_share",
+        f"motionguard_{metric}_suspected_share",
         "Share of suspected attacks among the recent window of clips",
         labels=labels,
     )
-    clips = GaugeMetricFamily("motionguard_mc_loss_drift_window_clips", "Clips in the drift window", labels=labels)
+    clips = GaugeMetricFamily(f"motionguard_{metric}_drift_window_clips", "Clips in the drift window", labels=labels)
     for window in DriftWindow.known(redis, prefix):
         snap = window.snapshot()
         key = [window.model, window.version]
