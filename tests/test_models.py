@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+from conftest import ALICE, LiveServer, settings_from_env, wait_done, write_video
 from redis import Redis
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -143,3 +148,156 @@ def test_a_pinned_job_no_live_worker_can_run_fails_clearly(redis_settings):
     assert failed.get_status() == JobStatus.FAILED and queue.job_ids == []
     assert failed.meta["error"]["code"] == MODEL_UNAVAILABLE
     assert "alpha version 1" in failed.meta["error"]["message"] and "dddddddddddd" in failed.meta["error"]["message"]
+
+
+# --- over HTTP, with real worker processes -------------------------------------------------------
+
+
+def _env(service_env: dict, tmp_path: Path, repository: Path, default: Path, **extra: str) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {
+        **service_env,
+        "MOTIONGUARD_QUEUE_NAME": f"mdl-{tag}",
+        "MOTIONGUARD_KEY_PREFIX": f"mdl-{tag}",
+        "MOTIONGUARD_DATA_DIR": str(tmp_path / "data"),
+        "MOTIONGUARD_MODEL_REPOSITORY": str(repository),
+        "MOTIONGUARD_BUNDLE_DIR": str(default),
+        **extra,
+    }
+
+
+def _submit(api: str, video: Path, **params) -> str:
+    response = httpx.post(
+        f"{api}/classify", params={"steps": 0, **params}, files={"file": ("v.mp4", video.read_bytes())}, headers=ALICE
+    )
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+def _until(condition, what: str, timeout: float = 120.0) -> None:
+    """Poll ``condition`` until it holds; a condition that never holds is reported as a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
+        time.sleep(0.2)
+
+
+def test_two_models_served_by_one_serve(service_env, repository_dir, tmp_path):
+    """One ``serve --workers 1`` with a repository of two models starts a worker for each; a job for
+    each model is answered by its own bundle (sha256 in the result = GET /models); an unknown model
+    or version is a 404 and a model the deployment does not serve a 422, before anything is stored."""
+    from helpers_serve import ServeProcess
+
+    env = _env(service_env, tmp_path, repository_dir, repository_dir / "beta-1", MOTIONGUARD_MODELS="alpha:2,beta")
+    video = write_video(tmp_path / "v.mp4", count=4, height=64, width=64)
+    serve = ServeProcess(env, tmp_path / "serve.log", "--workers", "1")
+    try:
+        serve.start()
+        models_url = f"{serve.url}/models"
+
+        def workers_up() -> bool:
+            served = [m for m in httpx.get(models_url, headers=ALICE).json()["models"] if m["served"]]
+            return len(served) == 2 and all(len(m["workers"]) == 1 for m in served)
+
+        _until(workers_up, "a live worker for each served model")
+        listing = httpx.get(models_url, headers=ALICE).json()
+        assert (listing["name"], listing["version"]) == ("beta", "1")  # the default model's fields at the top
+        by_name = {(m["name"], m["version"]): m for m in listing["models"]}
+        assert set(by_name) == {("alpha", "1"), ("alpha", "2"), ("beta", "1")}
+        assert [k for k, m in by_name.items() if not m["served"]] == [("alpha", "1")]
+        assert by_name[("alpha", "1")]["workers"] == [] and by_name[("beta", "1")]["default"]
+        one = httpx.get(f"{models_url}/alpha", headers=ALICE).json()
+        assert (one["version"], one["sha256"]) == ("2", by_name[("alpha", "2")]["sha256"])
+
+        jobs = {("alpha", "2"): _submit(serve.url, video, model="alpha"), ("beta", "1"): _submit(serve.url, video)}
+        for key, job_id in jobs.items():
+            body = wait_done(serve.url, job_id)
+            assert body["status"] == "finished", body
+            assert body["result"]["model"] == {"name": key[0], "version": key[1], "sha256": by_name[key]["sha256"]}
+
+        upload_dir = settings_from_env(env).upload_dir
+        stored = sorted(upload_dir.iterdir()) if upload_dir.is_dir() else []
+        for params, status, code in (
+            ({"model": "gamma"}, 404, "unknown_model"),
+            ({"model": "alpha", "version": "9"}, 404, "unknown_model"),
+            ({"model": "alpha", "version": "1"}, 422, "model_not_served"),
+        ):
+            response = httpx.post(
+                f"{serve.url}/classify", params=params, files={"file": ("v.mp4", video.read_bytes())}, headers=ALICE
+            )
+            assert (response.status_code, response.json()["error"]["code"]) == (status, code), params
+        assert (sorted(upload_dir.iterdir()) if upload_dir.is_dir() else []) == stored
+        assert httpx.get(f"{models_url}/gamma", headers=ALICE).status_code == 404
+    finally:
+        if serve.proc and serve.proc.poll() is None:
+            serve.stop()
+
+
+class Worker:
+    """One ``motionguard worker --model SPEC`` process."""
+
+    def __init__(self, env: dict[str, str], spec: str, name: str, log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--model", spec, "--name", name]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # warm shutdown: a running job finishes first
+        self.proc.wait(timeout=60)
+
+
+def test_rolling_upgrade_loses_no_job_and_runs_none_on_the_wrong_bundle(service_env, random_bundle, tmp_path):
+    """Two worker processes of model ``roll`` v1; one is restarted with v2 while v1 jobs are queued.
+    The v2 worker takes the queued v1 jobs and runs none of them (each moves to v1's pinned queue);
+    every v1 job then finishes on the v1 worker and every v2 job on the v2 worker: 0 lost, 0 run on
+    the wrong bundle (the sha256 in each result and the worker recorded for each job say so)."""
+    from service.app import create_app
+    from worker.serving.model_worker import live_workers  # TEMP: worker.liveness once it lands
+
+    repository = tmp_path / "repository"
+    old = copy_bundle(random_bundle, repository / "roll-1", "roll", "1")
+    new = copy_bundle(random_bundle, repository / "roll-2", "roll", "2")
+    env = _env(service_env, tmp_path, repository, old)
+    settings = settings_from_env(env)
+    connection = Redis.from_url(settings.redis_url)
+    video = write_video(tmp_path / "v.mp4", count=4, height=64, width=64)
+    digests = {"1": bundle_digest(old), "2": bundle_digest(new)}
+    workers: list[Worker] = []
+
+    def start(spec: str, name: str) -> Worker:
+        worker = Worker(env, spec, name, tmp_path)
+        workers.append(worker)
+        _until(lambda: name in {w["name"] for w in live_workers(connection, settings)}, f"worker {name} live")
+        return worker
+
+    def job(job_id: str) -> Job:
+        return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+
+    try:
+        with LiveServer(create_app(settings)) as api:
+            a, b = start("roll:1", "w-a"), start("roll:1", "w-b")
+            first = _submit(api.url, video)  # both serve v1: the default version
+            assert wait_done(api.url, first)["result"]["model"]["sha256"] == digests["1"]
+            a.stop()
+            b.stop()
+            v1_jobs = [_submit(api.url, video, model="roll", version="1") for _ in range(6)]
+            assert all(job(j).get_status() == JobStatus.QUEUED for j in v1_jobs)
+
+            start("roll:2", "w-b2")  # w-b restarted with the new version
+            pinned = pinned_queue_name(settings, "roll", digests["1"])
+            _until(lambda: all(job(j).origin == pinned for j in v1_jobs), "the v1 jobs moved to v1's pinned queue")
+            assert all(job(j).get_status() == JobStatus.QUEUED and "worker" not in job(j).meta for j in v1_jobs)
+            v2_jobs = [_submit(api.url, video, model="roll", version="2") for _ in range(3)]
+            start("roll:1", "w-a2")  # a v1 worker again: the pinned jobs are its
+
+            for job_id, version, worker in [*((j, "1", "w-a2") for j in v1_jobs), *((j, "2", "w-b2") for j in v2_jobs)]:
+                body = wait_done(api.url, job_id, timeout=180)
+                assert body["status"] == "finished", body
+                assert body["result"]["model"] == {"name": "roll", "version": version, "sha256": digests[version]}
+                assert job(job_id).meta["worker"] == worker and job(job_id).meta["attempts"] == 1
+    finally:
+        for worker in workers:
+            worker.stop()
