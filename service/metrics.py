@@ -17,7 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from worker.monitoring import flag_metrics
 from worker.monitoring import metrics as worker_metrics
 from worker.monitoring.drift import drift_families
-from worker.queueing import queue_key
+from worker.queueing import queue_depths
+from worker.repository import Repository
 from worker.serving.model_worker import live_workers
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ class RedisAggregates:
                 family.add_metric(([label] if label_name else []) + [model, version], points, data.get("sum", 0.0))
         return family
 
+    def _models(self, settings) -> list[str]:
+        """The served models' names (the app's repository; read from disk when there is none)."""
+        repository = getattr(self.state, "repository", None) or Repository.scan(settings)
+        return sorted({entry.name for entry in repository.served})
+
     def collect(self):
         connection, settings = getattr(self.state, "redis", None), getattr(self.state, "settings", None)
         if connection is None or settings is None:
@@ -91,8 +97,11 @@ class RedisAggregates:
                 for decision in worker_metrics.DECISIONS:
                     clips.add_metric([decision, model, version], counters.get(f"clips:{decision}", 0.0))
                 steps.add_metric([model, version], counters.get("defence_steps", 0.0))
-            depth = GaugeMetricFamily("motionguard_queue_depth", "jobs waiting in the queue")
-            depth.add_metric([], float(connection.llen(queue_key(settings))))
+            depth = GaugeMetricFamily(
+                "motionguard_queue_depth", "jobs waiting, per model (its queue and its pinned queues)", labels=["model"]
+            )
+            for model, count in queue_depths(connection, settings, self._models(settings)).items():
+                depth.add_metric([model], float(count))
             live = GaugeMetricFamily(
                 "motionguard_workers", "live workers (heartbeat in Redis)", labels=[*labels, "device"]
             )

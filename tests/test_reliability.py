@@ -134,7 +134,7 @@ def test_backpressure_is_counted_in_metrics(service_env, tmp_path):
         after = httpx.get(f"{server.url}/metrics").text
         assert rejected(after, "rate_limited") == rejected(before, "rate_limited") + 1
         assert rejected(after, "queue_full") == rejected(before, "queue_full") + 1
-        assert re.search(r"^motionguard_queue_depth 2\.0$", after, re.M)
+        assert re.search(r"^motionguard_queue_depth\{model=\"random-test\"\} 2\.0$", after, re.M)
         # Refused before the body was read: only the two accepted uploads are on disk.
         assert len(list(settings.upload_dir.iterdir())) == 2
         from redis import Redis

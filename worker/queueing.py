@@ -98,3 +98,13 @@ def service_queues(connection: Redis, settings: Settings) -> list[Queue]:
 def model_slots_key(settings: Settings, model: str) -> str:
     """Sorted set of the job ids holding one of the model's ``max_queued`` slots (service.admission)."""
     return settings.key("queued_jobs", model)
+
+
+def queue_depths(connection: Redis, settings: Settings, models: list[str]) -> dict[str, int]:
+    """Jobs waiting per model: its queue plus the pinned queues of its bundles."""
+    depths = {model: int(connection.llen(model_queue_key(settings, model))) for model in models}
+    for queue in service_queues(connection, settings):
+        model, pinned, _ = queue.name[len(settings.queue_name) + 1 :].rpartition("@")
+        if pinned and model in depths:
+            depths[model] += queue.count
+    return depths
