@@ -9,7 +9,10 @@ fuzzers trust the schema, so it is corrected per app:
 - no keys configured: no security requirement, no security scheme, no 401 responses; keys
   configured: the requirement and the 401 stay;
 - the settings' bounds are declared on ``POST /classify``, and ``defend=auto`` only where there is
-  a threshold to decide with (the bundle's or the settings'; without one it is a 422);
+  a threshold to decide with (every served bundle's, or the settings'; without one it is a 422);
+- ``model`` and ``version`` of ``POST /classify`` (and ``name`` of ``GET /models/{name}``) list the
+  names and versions of the model repository's served bundles (``worker.repository``); a version
+  of another model than the one named is a documented 404;
 - OpenAPI links lead from ``POST /classify``'s 202 to every operation under ``/jobs/{job_id}``
   (``job_id`` from the response body), so clients and stateful fuzzers can follow a job.
 """
@@ -22,20 +25,18 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from models.bundle_meta import read_bundle_meta
-from models.errors import BundleError
+from worker.repository import Repository
 from worker.settings import Settings
 
 JOB_PREFIX = "/jobs/{job_id}"
 
 
-def _accepts_auto(settings: Settings) -> bool:
-    """Whether ``defend=auto`` is served: it needs an MC-loss threshold (bundle or settings)."""
-    try:
-        meta = read_bundle_meta(settings.bundle_dir)
-    except BundleError:
+def _accepts_auto(repository: Repository, settings: Settings) -> bool:
+    """Whether ``defend=auto`` is served: it needs an MC-loss threshold (each served bundle's or the settings')."""
+    served = repository.served
+    if repository.default is None or not served:
         return False  # no bundle: POST /classify answers 503 whatever is sent
-    return meta.auto_threshold(settings.defense_threshold) is not None
+    return all(entry.meta.auto_threshold(settings.defense_threshold) is not None for entry in served)
 
 
 def _settings_bounds(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -57,8 +58,14 @@ def _value_branch(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _declare_bounds(schema: dict[str, Any], settings: Settings) -> None:
     operation = schema["paths"]["/classify"]["post"]
+    repository = Repository.scan(settings)
     bounds = _settings_bounds(settings)
-    auto = _accepts_auto(settings)
+    names = sorted({e.name for e in repository.served})
+    versions = sorted({e.version for e in repository.served})
+    if names:
+        bounds["model"] = {"enum": names}
+        bounds["version"] = {"enum": versions}
+    auto = _accepts_auto(repository, settings)
     for parameter in operation.get("parameters", []):
         if parameter.get("in") != "query":
             continue
@@ -66,6 +73,12 @@ def _declare_bounds(schema: dict[str, Any], settings: Settings) -> None:
         branch.update(bounds.get(parameter["name"], {}))
         if parameter["name"] == "defend" and not auto and "enum" in branch:
             branch["enum"] = [value for value in branch["enum"] if value != "auto"]
+    model = schema["paths"].get("/models/{name}", {}).get("get")
+    for parameter in (model or {}).get("parameters", []):
+        if names and parameter.get("in") == "path" and parameter["name"] == "name":
+            parameter["schema"] = {**parameter["schema"], "enum": sorted({e.name for e in repository.entries})}
+        if names and parameter.get("in") == "query" and parameter["name"] == "version":
+            _value_branch(parameter["schema"]).update({"enum": sorted({e.version for e in repository.entries})})
 
 
 def _match_security(schema: dict[str, Any], keys_configured: bool) -> None:

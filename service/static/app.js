@@ -169,6 +169,12 @@
     params.set("defend", $("defend").value);
     if ($("multi").checked) params.set("multi", "true");
     if (steps) params.set("steps", steps);
+    const chosen = $("model").value; // "name\u0000version" of a served model, or "" (server default)
+    if (chosen) {
+      const [name, version] = chosen.split("\u0000");
+      params.set("model", name);
+      params.set("version", version);
+    }
     const body = new FormData();
     body.append("file", file, file.name);
 
@@ -335,7 +341,8 @@
     const suspected = (result.clips || []).filter((c) => c.suspected_attack).length;
     $("result-summary").textContent =
       (top ? "Top label: " + top.label + " (" + pct(top.score) + "). " : "") +
-      "Model " + (model.name || "?") + " v" + (model.version || "?") + ", " +
+      "Answered by model " + (model.name || "?") + " v" + (model.version || "?") +
+      (model.sha256 ? " (sha256 " + model.sha256.slice(0, 12) + ")" : "") + ", " +
       "defence " + ((result.defense || {}).mode || (result.defended ? "always" : "off")) + ", " +
       (result.clips || []).length + " clip(s)" +
       (suspected ? ", " + suspected + " suspected attack(s)." : ", no suspected attack.");
@@ -463,6 +470,21 @@
 
   // ---- model info (best effort; needs the key when keys are enabled) ------------------------
 
+  function fillModels(models) {
+    // The served models of GET /models, as options "name vVERSION"; the chosen one is kept.
+    const select = $("model");
+    const chosen = select.value;
+    while (select.options.length > 1) select.remove(1);
+    for (const m of models.filter((entry) => entry.served)) {
+      const option = document.createElement("option");
+      option.value = m.name + "\u0000" + m.version;
+      option.textContent = m.name + " v" + m.version + (m.default ? " (default)" : "") +
+        ((m.workers || []).length ? "" : " (no worker running)");
+      select.append(option);
+    }
+    select.value = Array.from(select.options).some((o) => o.value === chosen) ? chosen : "";
+  }
+
   async function loadModelInfo() {
     try {
       const response = await request(apiUrl("models"), $("api-key").value.trim());
@@ -471,9 +493,12 @@
       const name = bundle.name || "?";
       const version = bundle.version || "?";
       const labels = data.labels || bundle.labels || [];
+      const served = (data.models || []).filter((m) => m.served).length;
       const el = $("model-info");
-      el.textContent = "Model: " + name + " v" + version + (labels.length ? " · " + labels.length + " labels" : "");
+      el.textContent = "Default model: " + name + " v" + version + (labels.length ? " · " + labels.length + " labels" : "") +
+        (served > 1 ? " · " + served + " models served" : "");
       el.hidden = false;
+      fillModels(data.models || []);
     } catch (_) {
       /* optional */
     }
