@@ -7,6 +7,7 @@ two real worker processes on the real Redis. The burst test of the per-model que
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -301,3 +302,14 @@ def test_rolling_upgrade_loses_no_job_and_runs_none_on_the_wrong_bundle(service_
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_classify_cli_names_the_bundle_that_answered(random_bundle, tmp_path, capsys):
+    """``motionguard classify --bundle`` carries the bundle's name, version and sha256, as the service's results."""
+    from service.cli import main
+
+    video = write_video(tmp_path / "v.mp4", count=4, height=64, width=64)
+    assert main(["classify", str(video), "--bundle", str(random_bundle), "--json", "--no-defend"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    meta = read_bundle_meta(random_bundle)
+    assert result["model"] == {"name": meta.name, "version": meta.version, "sha256": bundle_digest(random_bundle)}

@@ -48,7 +48,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def format_human(result: dict) -> str:
     """Labels with scores, then one line per clip with its MC loss before/after purification."""
     mode = result.get("defense", {}).get("mode", "always" if result["defended"] else "off")
-    lines = [f"model {result['model']['name']} v{result['model']['version']}, defence: {mode}"]
+    lines = [
+        f"model {result['model']['name']} v{result['model']['version']} (sha256 {result['model']['sha256'][:12]}), "
+        f"defence: {mode}"
+    ]
     for entry in result["labels"]:
         lines.append(f"  {entry['score']:7.3f}  {entry['label']}")
     lines.append("clips:")
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.video}: no such file")
 
     from models.bundle.load import load_bundle
+    from worker.repository import bundle_digest
     from worker.serving.inference import analyse_video
 
     if settings.torch_threads:
@@ -101,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         max_clips=args.max_clips or settings.max_clips,
         figures=figures,
     )
+    result["model"]["sha256"] = bundle_digest(bundle.path)  # as the service's results: the bundle answering
     if figures is not None:
         if not figures:
             log.warning("--figures: no clip was purified, so there are no flow or MC-loss pictures")
