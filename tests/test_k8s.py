@@ -92,10 +92,10 @@ def test_schema_checks_catch_mistakes(docs):
     api = copy.deepcopy(find(docs, "Deployment", "motionguard-api"))
     container(api)["readinessProbe"]["httpGett"] = container(api)["readinessProbe"].pop("httpGet")
     assert kubernetes_errors(api)
-    scaled = copy.deepcopy(find(docs, "ScaledObject"))
+    scaled = copy.deepcopy(find(docs, "ScaledObject", "motionguard-worker"))
     scaled["spec"]["maxReplicas"] = scaled["spec"].pop("maxReplicaCount")
     assert keda_errors(scaled)
-    scaled = copy.deepcopy(find(docs, "ScaledObject"))
+    scaled = copy.deepcopy(find(docs, "ScaledObject", "motionguard-worker"))
     scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 2  # KEDA metadata values are strings
     assert keda_errors(scaled)
     scaled["spec"]["triggers"][0]["metadata"] = {"listName": "rq:queue:motionguard", "listLenght": "2"}
@@ -154,16 +154,53 @@ def env_name_problems(docs: list[dict]) -> list[str]:
     return [f"{n} is not a field of worker.settings.Settings" for n in sorted(names) if n[12:] not in fields]
 
 
-def queue_problems(docs: list[dict]) -> list[str]:
-    """The KEDA trigger watches the list RQ really pushes to, on the Redis the workers really use."""
-    from redis import Redis
+def shipped(settings):
+    """The settings with the image's /bundles read from the repository's models/bundles (what the
+    images copy there), so the code can name the queues the pods would use."""
+    bundles = ROOT / "models" / "bundles"
 
-    from worker.queueing import make_queue
+    def local(path) -> Path:
+        return bundles / Path(path).relative_to("/bundles") if str(path).startswith("/bundles") else Path(path)
+
+    return settings.model_copy(
+        update={"bundle_dir": local(settings.bundle_dir), "model_repository": local(settings.model_repository)}
+    )
+
+
+def worker_deployments(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] == "Deployment" and container(d)["command"][:2] == ["motionguard", "worker"]]
+
+
+def queue_problems(docs: list[dict]) -> list[str]:
+    """Each model's worker Deployment has its ScaledObject, whose KEDA trigger watches the list RQ
+    really pushes that model's jobs to, on the Redis the workers really use."""
+    problems = []
+    scaled_objects = [d for d in docs if d["kind"] == "ScaledObject"]
+    targets = {s["spec"]["scaleTargetRef"]["name"] for s in scaled_objects}
+    for worker in worker_deployments(docs):
+        if worker["metadata"]["name"] not in targets:
+            problems.append(f"worker Deployment {worker['metadata']['name']} has no ScaledObject")
+    for scaled in scaled_objects:
+        problems += scaled_object_problems(docs, scaled)
+    return problems
+
+
+def scaled_object_problems(docs: list[dict], scaled: dict) -> list[str]:
+    from worker.queueing import model_queue_key
+    from worker.repository import Repository
 
     problems = []
-    settings = settings_of(docs, "motionguard-worker")
-    queue_key = make_queue(Redis(), settings).key  # rq:queue:<MOTIONGUARD_QUEUE_NAME>; no connection made
-    scaled = find(docs, "ScaledObject")
+    worker = find(docs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+    settings = settings_of(docs, worker["metadata"]["name"])
+    local = shipped(settings)
+    repository = Repository.scan(local)
+    model = parse_motionguard(container(worker)["command"]).model
+    name, _, version = (model or "").partition(":")
+    try:
+        entry = repository.resolve(name or None, version or None, served_only=False)
+    except LookupError as exc:
+        return [f"{worker['metadata']['name']}: --model {model} is no shipped bundle ({exc})"]
+    queue_key = model_queue_key(local, entry.name)  # rq:queue:<MOTIONGUARD_QUEUE_NAME>[.<model>]
     trigger = next(t for t in scaled["spec"]["triggers"] if t["type"] == "redis")
     meta = trigger["metadata"]
     if meta["listName"] != queue_key:
@@ -179,7 +216,6 @@ def queue_problems(docs: list[dict]) -> list[str]:
         problems.append(
             f"KEDA address {meta['address']} or Redis URL {redis.hostname}:{redis.port} miss Service {redis.hostname}"
         )
-    worker = find(docs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
     if container(worker)["command"][:2] != ["motionguard", "worker"]:
         problems.append("the ScaledObject does not scale the worker Deployment")
     auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
@@ -204,13 +240,23 @@ def test_queue_and_redis_names_agree_with_the_code(docs):
 def test_wrong_queue_or_env_name_fails(docs):
     """Negative controls for the two cross-checks above."""
     broken = copy.deepcopy(docs)
-    find(broken, "ScaledObject")["spec"]["triggers"][0]["metadata"]["listName"] = "motionguard"
+    find(broken, "ScaledObject", "motionguard-worker")["spec"]["triggers"][0]["metadata"]["listName"] = "motionguard"
     assert any("listName" in p for p in queue_problems(broken))
+    broken = copy.deepcopy(docs)  # a second model's worker Deployment without its own autoscaler
+    second = copy.deepcopy(find(docs, "Deployment", "motionguard-worker"))
+    second["metadata"]["name"] = "motionguard-worker-other"
+    assert any("has no ScaledObject" in p for p in queue_problems([*broken, second]))
+    scaled = copy.deepcopy(find(docs, "ScaledObject", "motionguard-worker"))  # ... or one on another queue
+    scaled["metadata"]["name"] = scaled["spec"]["scaleTargetRef"]["name"] = "motionguard-worker-other"
+    scaled["spec"]["triggers"][0]["metadata"]["listName"] = "rq:queue:motionguard.other"
+    assert any("listName" in p for p in queue_problems([*broken, second, scaled]))
+    container(second)["command"] += ["--model", "no-such-model"]  # ... or a model no image ships
+    assert any("no shipped bundle" in p for p in queue_problems([*broken, second, scaled]))
     broken = copy.deepcopy(docs)
     find(broken, "ConfigMap", "motionguard-config")["data"]["MOTIONGUARD_QUEUE_NAME"] = "jobs"
     assert any("listName" in p for p in queue_problems(broken))
     broken = copy.deepcopy(docs)
-    find(broken, "ScaledObject")["spec"]["triggers"][0]["metadata"]["databaseIndex"] = "1"
+    find(broken, "ScaledObject", "motionguard-worker")["spec"]["triggers"][0]["metadata"]["databaseIndex"] = "1"
     assert any("databaseIndex" in p for p in queue_problems(broken))
     broken = copy.deepcopy(docs)
     data = find(broken, "ConfigMap", "motionguard-config")["data"]
@@ -248,10 +294,15 @@ def test_api_deployment(docs):
 
 
 def test_worker_deployment_and_grace_period(docs):
-    worker = find(docs, "Deployment", "motionguard-worker")
+    for worker in worker_deployments(docs):
+        check_worker_deployment(docs, worker)
+
+
+def check_worker_deployment(docs: list[dict], worker: dict) -> None:
+    name = worker["metadata"]["name"]
     spec = container(worker)
     args = parse_motionguard(spec["command"])
-    settings = settings_of(docs, "motionguard-worker")
+    settings = settings_of(docs, name)
     assert args.command == "worker" and args.device == settings.device
     gpu = spec["image"].startswith("motionguard-worker-cuda")
     assert (args.device == "cuda") == gpu
@@ -270,6 +321,19 @@ def test_worker_deployment_and_grace_period(docs):
     assert settings.blob_store == "redis" and api_settings.blob_store == "redis"
     volumes = worker["spec"]["template"]["spec"]["volumes"]
     assert all("emptyDir" in v for v in volumes)
+
+
+def test_one_worker_deployment_per_model(docs):
+    """Each worker Deployment selects only its own model's pods (label = --model), so two models'
+    Deployments never adopt each other's pods, and no model has two."""
+    models = []
+    for worker in worker_deployments(docs):
+        model = (parse_motionguard(container(worker)["command"]).model or "").partition(":")[0]
+        selector = worker["spec"]["selector"]["matchLabels"]
+        assert selector.get("motionguard.io/model") == model, worker["metadata"]["name"]
+        assert selector.items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+        models.append(model)
+    assert len(models) == len(set(models)) >= 1
 
 
 def test_redis_keeps_its_data(docs):
@@ -306,7 +370,11 @@ def test_worker_threads_fit_its_cpu_request(docs):
 
 
 def test_scaled_object_bounds(docs):
-    scaled = find(docs, "ScaledObject")["spec"]
+    for scaled in (d["spec"] for d in docs if d["kind"] == "ScaledObject"):
+        check_scaled_object_bounds(scaled)
+
+
+def check_scaled_object_bounds(scaled: dict) -> None:
     assert 1 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]
     trigger = scaled["triggers"][0]["metadata"]
     assert int(trigger["listLength"]) >= 1 and "activationListLength" in trigger
@@ -318,7 +386,7 @@ def test_autoscale_bench_defaults_are_the_manifest():
     """`motionguard bench autoscale` simulates, by default, the rule the base (cpu) overlay deploys."""
     from service.bench.autoscale_sim import KedaRule
 
-    scaled = find(render("cpu"), "ScaledObject")["spec"]
+    scaled = find(render("cpu"), "ScaledObject", "motionguard-worker")["spec"]
     behavior = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     (up,), (down,) = behavior["scaleUp"]["policies"], behavior["scaleDown"]["policies"]
     rule = KedaRule()
