@@ -247,7 +247,12 @@ class Worker:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()  # warm shutdown: a running job finishes first
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
 
 def test_rolling_upgrade_loses_no_job_and_runs_none_on_the_wrong_bundle(service_env, random_bundle, tmp_path):
@@ -313,3 +318,37 @@ def test_classify_cli_names_the_bundle_that_answered(random_bundle, tmp_path, ca
     result = json.loads(capsys.readouterr().out)
     meta = read_bundle_meta(random_bundle)
     assert result["model"] == {"name": meta.name, "version": meta.version, "sha256": bundle_digest(random_bundle)}
+
+
+def test_a_batching_worker_gathers_only_its_own_bundles_jobs(service_env, random_bundle, tmp_path):
+    """A batching worker (max_batch_clips 8) of ``roll`` v2 finds [v2, v1, v2] jobs queued: it batches
+    the two v2 jobs and moves the v1 job it gathered to v1's pinned queue without running it."""
+    from service.app import create_app
+    from worker.serving.model_worker import live_workers  # TEMP: worker.liveness once it lands
+
+    repository = tmp_path / "repository"
+    old = copy_bundle(random_bundle, repository / "roll-1", "roll", "1")
+    new = copy_bundle(random_bundle, repository / "roll-2", "roll", "2")
+    env = _env(
+        service_env, tmp_path, repository, old, MOTIONGUARD_MAX_BATCH_CLIPS="8", MOTIONGUARD_MAX_BATCH_DELAY_MS="2000"
+    )
+    settings = settings_from_env(env)
+    connection = Redis.from_url(settings.redis_url)
+    video = write_video(tmp_path / "v.mp4", count=4, height=64, width=64)
+    worker = None
+    try:
+        with LiveServer(create_app(settings)) as api:
+            ids = [_submit(api.url, video, model="roll", version=v) for v in ("2", "1", "2")]
+            worker = Worker(env, "roll:2", "w-batch", tmp_path)
+            _until(lambda: "w-batch" in {w["name"] for w in live_workers(connection, settings)}, "worker live")
+            for job_id in (ids[0], ids[2]):
+                body = wait_done(api.url, job_id, timeout=180)
+                assert body["status"] == "finished", body
+                assert body["result"]["model"]["sha256"] == bundle_digest(new)
+                assert body["result"]["batch"]["jobs"] == 2  # the two v2 jobs, computed together
+            v1 = Job.fetch(ids[1], connection=connection, serializer=JSONSerializer)
+            assert v1.get_status() == JobStatus.QUEUED and "worker" not in v1.meta
+            assert v1.origin == pinned_queue_name(settings, "roll", bundle_digest(old))
+    finally:
+        if worker is not None:
+            worker.stop()

@@ -175,6 +175,8 @@ class BatchRun:
                 queue.intermediate_queue.remove(job.id)
                 queue.push_job_id(job.id, at_front=True)
                 break
+            if not self.worker.accepts(job, queue):  # admitted for another bundle: now on that one's pinned queue
+                continue
             member = self._start(job, queue)
             self.members.append(member)
             clips += member.estimated_clips

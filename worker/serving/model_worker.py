@@ -65,6 +65,11 @@ class ModelWorker(SimpleWorker):
         self._beats: dict[str, tuple[Job, Execution]] = {}  # execution id -> the job it runs
         self._beats_lock = threading.Lock()
 
+    def accepts(self, job: Job, queue: Queue) -> bool:
+        """Whether this worker may run a job it dequeued (``worker.serving.routing.RoutedWorker``
+        runs only jobs admitted for its bundle); the batching worker asks for every job it gathers."""
+        return True
+
     @property
     def stopping(self) -> bool:
         """A warm or cold shutdown was requested: finish what runs, take nothing more."""
