@@ -185,6 +185,12 @@ def load_bundle(
         threshold=meta.auto_threshold(),
         default_mode=meta.defense.mode,
     ).to(device)
+    if threshold is None and meta.flag is not None and meta.flag.auto_threshold is not None:
+        # defend=auto decides on the attack flag's score (issue 24); a deployment's explicit MC-loss
+        # threshold (``threshold``) keeps the MC-loss decision.
+        from models.defense.flag import FlagDecision
+
+        pipeline.decide_auto = FlagDecision(pipeline, meta.flag)
     log.info("loaded bundle %s v%s from %s on %s", meta.name, meta.version, bundle_dir, device)
     return LoadedBundle(path=bundle_dir, meta=meta, pipeline=pipeline)
 

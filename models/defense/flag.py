@@ -291,10 +291,12 @@ def read_flag(
     probs_after: Tensor | None = None,
     purified: Tensor | None = None,
     generator: torch.Generator | None = None,
+    input_values: Mapping[str, Tensor] | None = None,
 ) -> FlagReading:
     """The flag of clips after an inference pass (``probs_before``/``flows_before``/``mc_before``: the
     undefended 12-update figures) and, where the purification ran (``purified``), its output
-    probabilities. Without a flag calibration: the old rule, ``mc_before`` over ``legacy_threshold``."""
+    probabilities. Without a flag calibration: the old rule, ``mc_before`` over ``legacy_threshold``.
+    ``input_values``: the input signals when already computed (``defend=auto`` decided on them)."""
     batch = clip.shape[0]
     if flag is None:
         signals = {"mc": mc_before}
@@ -302,9 +304,12 @@ def read_flag(
             return FlagReading(signals, None, torch.zeros(batch, dtype=torch.bool, device=clip.device))
         score = mc_before / legacy_threshold
         return FlagReading(signals, score, mc_before > legacy_threshold)
-    signals = input_signals(
-        pipeline, clip, probs_before, flows_before, noise_epsilon=flag.noise_epsilon, generator=generator
-    )
+    if input_values is not None:
+        signals = dict(input_values)
+    else:
+        signals = input_signals(
+            pipeline, clip, probs_before, flows_before, noise_epsilon=flag.noise_epsilon, generator=generator
+        )
     score_in = combine(surprises(signals, flag)) / flag.thresholds["input"]
     score = score_in
     if purified is not None and probs_after is not None and bool(purified.any()):
@@ -313,3 +318,32 @@ def read_flag(
         both = combine(surprises({**signals, "purify_change": change}, flag)) / flag.thresholds["defended"]
         score = torch.where(purified, both, score_in)
     return FlagReading(signals, score, score > 1.0)
+
+
+class FlagDecision:
+    """``defend=auto`` on the flag: purify the clips whose input score (1 = the flag's threshold) is over
+    ``threshold`` (the bundle's ``auto_threshold`` on that scale). ``Pipeline`` calls it in place of the
+    MC-loss threshold; it keeps the last batch's signals (``signals``), so the flag of the same clips
+    reads them instead of computing them twice (one worker process decides one batch at a time)."""
+
+    def __init__(self, pipeline, flag: FlagCalibration, threshold: float | None = None):
+        if threshold is None:
+            if flag.auto_threshold is None:
+                raise ValueError("the flag calibration has no auto threshold")
+            threshold = flag.auto_threshold / flag.thresholds["input"]
+        self.pipeline, self.flag, self.threshold = pipeline, flag, threshold
+        self.signals: dict[str, Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, clip: Tensor, flows_forward: Tensor, mc_before: Tensor, logits: Tensor) -> Tensor:
+        self.signals = input_signals(
+            self.pipeline, clip, logits.softmax(dim=1), flows_forward, noise_epsilon=self.flag.noise_epsilon
+        )
+        return combine(surprises(self.signals, self.flag)) / self.flag.thresholds["input"] > self.threshold
+
+    def take(self, batch: int) -> dict[str, Tensor] | None:
+        """The signals of the batch just decided (None if they are not this batch's), then forget them."""
+        signals, self.signals = self.signals, None
+        if signals is None or any(v.shape[0] != batch for v in signals.values()):
+            return None
+        return signals

@@ -65,6 +65,7 @@ class Pipeline(nn.Module):
         updates_infer: int = 12,
         threshold: float | None = None,
         default_mode: DefendMode = "always",
+        decide_auto: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
     ):
         super().__init__()
         self.flow_model = flow_model
@@ -74,6 +75,9 @@ class Pipeline(nn.Module):
         self.updates_infer = updates_infer
         self.threshold = threshold  # the MC loss above which defend="auto" purifies a clip
         self.default_mode: DefendMode = default_mode
+        # defend="auto" without an explicit threshold: (clip, flows, mc, logits) -> (B,) bool of clips to
+        # purify; the bundle's attack flag (models.defense.flag.FlagDecision) when it has one
+        self.decide_auto = decide_auto
         self.eval()
         # Gradients are only ever taken with respect to pixels.
         for parameter in self.parameters():
@@ -138,7 +142,8 @@ class Pipeline(nn.Module):
 
         ``defend``: ``True``/"always" purifies every clip, ``False``/"off" none, "auto" those whose
         MC loss before the defence (inference flow) is above ``threshold`` (default: the bundle's,
-        ``self.threshold``). ``config`` replaces the pipeline's defence for this call (else the
+        ``self.threshold``; without an explicit ``threshold``, ``self.decide_auto`` decides when set).
+        ``config`` replaces the pipeline's defence for this call (else the
         overrides apply to it). With ``config.restarts`` > 1 the purification runs that many times
         from random starts and the prediction is the mean of their probabilities; the clip handed
         back is the run with the lowest MC loss. With ``keep_best`` a purified clip whose final MC
@@ -158,7 +163,9 @@ class Pipeline(nn.Module):
         flows_before, mc_before, logits = self._infer(clip, config)
         seconds = {"classify": time.perf_counter() - t0, "defense": 0.0}
         batch = clip.shape[0]
-        if mode == "auto":
+        if mode == "auto" and threshold is None and self.decide_auto is not None:
+            purified = self.decide_auto(clip, flows_before, mc_before, logits).to(clip.device)
+        elif mode == "auto":
             threshold = self.threshold if threshold is None else threshold
             if threshold is None:
                 raise ValueError("defend=auto needs an MC-loss threshold: calibrate the bundle or set one")

@@ -32,8 +32,9 @@ def legacy_threshold(meta) -> float | None:
 
 
 @torch.no_grad()
-def flag_clips(bundle, clip: Tensor, prediction) -> list[ClipFlag]:
-    """The flag of each clip of a batch after ``Pipeline.predict(..., keep_flows=True)``."""
+def flag_clips(bundle, clip: Tensor, prediction, decided: bool = False) -> list[ClipFlag]:
+    """The flag of each clip of a batch after ``Pipeline.predict(..., keep_flows=True)``; ``decided``:
+    ``defend=auto`` decided on the flag (``Pipeline.decide_auto``), whose input signals are reused."""
     meta, pipeline = bundle.meta, bundle.pipeline
     probs_after = prediction.probs
     purified = prediction.purified
@@ -56,6 +57,7 @@ def flag_clips(bundle, clip: Tensor, prediction) -> list[ClipFlag]:
         legacy_threshold=legacy_threshold(meta),
         probs_after=probs_after if purified is not None else None,
         purified=purified,
+        input_values=pipeline.decide_auto.take(clip.shape[0]) if decided and pipeline.decide_auto else None,
     )
     flags = []
     for i in range(clip.shape[0]):
@@ -70,10 +72,8 @@ def flag_clips(bundle, clip: Tensor, prediction) -> list[ClipFlag]:
     return flags
 
 
-def auto_threshold_of(meta) -> float | None:
-    """The input score above which ``defend=auto`` purifies a clip, on the flag's scale (1 = the flag's
-    threshold), when the bundle's flag has one; None: decide on the MC loss as before."""
-    flag = meta.flag
-    if flag is None or flag.auto_threshold is None:
-        return None
-    return flag.auto_threshold / flag.thresholds["input"]
+def auto_threshold_of(pipeline) -> float | None:
+    """The input score above which ``defend=auto`` purifies, on the flag's scale (1 = the flag's
+    threshold), when the pipeline decides on the flag (``Pipeline.decide_auto``); None: on the MC loss."""
+    decider = getattr(pipeline, "decide_auto", None)
+    return getattr(decider, "threshold", None) if decider is not None else None
