@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("worker.cli.calibrate", "clean MC-loss calibration of a bundle"),
     "bundle": ("worker.cli.bundle", "create or verify a model bundle"),
     "train-demo": ("worker.cli.train_demo", "train the demo RAFT-small + I3D pair on synthetic motion"),
+    "train-robust": ("worker.cli.train_robust", "adversarial training through RAFT into a new bundle"),
     "finetune": ("worker.cli.finetune", "fine-tune a bundle's classifier on a folder of labelled videos"),
 }
 
