@@ -238,6 +238,7 @@ class Worker:
     """One ``motionguard worker --model SPEC`` process."""
 
     def __init__(self, env: dict[str, str], spec: str, name: str, log_dir: Path):
+        name = f"{env['MOTIONGUARD_KEY_PREFIX']}-{name}"  # RQ names are global to the Redis: one per test run
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         cmd = [sys.executable, "-m", "service.cli", "worker", "--model", spec, "--name", name]
@@ -253,6 +254,18 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
             raise
+
+
+def stop_all(workers: list[Worker]) -> None:
+    """Stop every worker, even when one of them does not stop in time (then raise)."""
+    failures = []
+    for worker in workers:
+        try:
+            worker.stop()
+        except subprocess.TimeoutExpired as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 def test_rolling_upgrade_loses_no_job_and_runs_none_on_the_wrong_bundle(service_env, random_bundle, tmp_path):
@@ -276,7 +289,8 @@ def test_rolling_upgrade_loses_no_job_and_runs_none_on_the_wrong_bundle(service_
     def start(spec: str, name: str) -> Worker:
         worker = Worker(env, spec, name, tmp_path)
         workers.append(worker)
-        _until(lambda: name in {w["name"] for w in live_workers(connection, settings)}, f"worker {name} live")
+        live = lambda: worker.name in {w["name"] for w in live_workers(connection, settings)}  # noqa: E731
+        _until(live, f"worker {worker.name} live")
         return worker
 
     def job(job_id: str) -> Job:
@@ -285,6 +299,7 @@ def test_rolling_upgrade_loses_no_job_and_runs_none_on_the_wrong_bundle(service_
     try:
         with LiveServer(create_app(settings)) as api:
             a, b = start("roll:1", "w-a"), start("roll:1", "w-b")
+            a2_name, b2_name = f"{settings.key_prefix}-w-a2", f"{settings.key_prefix}-w-b2"
             first = _submit(api.url, video)  # both serve v1: the default version
             assert wait_done(api.url, first)["result"]["model"]["sha256"] == digests["1"]
             a.stop()
@@ -299,14 +314,14 @@ def test_rolling_upgrade_loses_no_job_and_runs_none_on_the_wrong_bundle(service_
             v2_jobs = [_submit(api.url, video, model="roll", version="2") for _ in range(3)]
             start("roll:1", "w-a2")  # a v1 worker again: the pinned jobs are its
 
-            for job_id, version, worker in [*((j, "1", "w-a2") for j in v1_jobs), *((j, "2", "w-b2") for j in v2_jobs)]:
+            expected = [*((j, "1", a2_name) for j in v1_jobs), *((j, "2", b2_name) for j in v2_jobs)]
+            for job_id, version, worker in expected:
                 body = wait_done(api.url, job_id, timeout=180)
                 assert body["status"] == "finished", body
                 assert body["result"]["model"] == {"name": "roll", "version": version, "sha256": digests[version]}
                 assert job(job_id).meta["worker"] == worker and job(job_id).meta["attempts"] == 1
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_all(workers)
 
 
 def test_classify_cli_names_the_bundle_that_answered(random_bundle, tmp_path, capsys):
@@ -340,7 +355,7 @@ def test_a_batching_worker_gathers_only_its_own_bundles_jobs(service_env, random
         with LiveServer(create_app(settings)) as api:
             ids = [_submit(api.url, video, model="roll", version=v) for v in ("2", "1", "2")]
             worker = Worker(env, "roll:2", "w-batch", tmp_path)
-            _until(lambda: "w-batch" in {w["name"] for w in live_workers(connection, settings)}, "worker live")
+            _until(lambda: worker.name in {w["name"] for w in live_workers(connection, settings)}, "worker live")
             for job_id in (ids[0], ids[2]):
                 body = wait_done(api.url, job_id, timeout=180)
                 assert body["status"] == "finished", body

@@ -21,6 +21,7 @@ import time
 from redis import Redis
 from rq.job import Job
 from rq.queue import Queue
+from rq.registry import clean_registries
 
 from worker.queueing import pinned_queue
 from worker.serving.model_worker import ModelWorker
@@ -79,6 +80,26 @@ class RoutedWorker(ModelWorker):
         return Queue.dequeue_any(
             [self.pinned], None, connection=self.connection, job_class=self.job_class, serializer=self.serializer
         )
+
+    def unsubscribe(self) -> None:
+        """RQ's, with a bounded wait. redis-py 8's ``PubSubWorkerThread.stop()`` joins the thread without
+        a timeout, and RQ's pubsub thread (``sleep_time=60``) sleeps up to a minute once unsubscribed,
+        so the warm shutdown of an idle worker could take a minute, past compose's or serve's grace."""
+        if self.pubsub_thread:
+            self.pubsub.unsubscribe()
+            self.pubsub_thread.stop(timeout=1)
+            self.pubsub.close()
+
+    def clean_registries(self) -> None:
+        """RQ's maintenance of the worker's queues, and of its pinned queue too (a job taken from it by
+        a worker that died before starting it is not left in its intermediate list)."""
+        super().clean_registries()
+        if self.pinned is not None and self.pinned.acquire_maintenance_lock():
+            try:
+                clean_registries(self.pinned, self._exc_handlers)
+                self.pinned.intermediate_queue.cleanup(self, self.pinned)
+            finally:
+                self.pinned.release_maintenance_lock()
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
         idle_since = time.monotonic()
