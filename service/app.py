@@ -9,6 +9,7 @@ no other worker is alive to notice.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None, *, run_recovery: bool = True) -
             settings.redis_url or DEFAULT_REDIS_URL, socket_connect_timeout=2, socket_timeout=10
         )
         app.state.repository = Repository.scan(settings)
+        app.state.repository_scanned_at = time.monotonic()
         default = app.state.repository.default
         app.state.bundle_meta = default.meta if default is not None else None
         if default is None:

@@ -367,3 +367,30 @@ def test_a_batching_worker_gathers_only_its_own_bundles_jobs(service_env, random
     finally:
         if worker is not None:
             worker.stop()
+
+
+def test_a_bundle_added_to_the_repository_is_found_without_a_restart(service_env, random_bundle, tmp_path):
+    """The API reads the repository at start; a request for a model it does not hold reads it again
+    (at most every RESCAN_S), so a bundle copied in later is accepted without a restart."""
+    from service.app import create_app
+
+    repository = tmp_path / "repository"
+    default = copy_bundle(random_bundle, repository / "roll-1", "roll", "1")
+    env = _env(service_env, tmp_path, repository, default)
+    video = write_video(tmp_path / "v.mp4", count=4, height=64, width=64)
+    app = create_app(settings_from_env(env), run_recovery=False)
+    with LiveServer(app) as api:
+        late = {"model": "late"}
+        post = lambda: httpx.post(  # noqa: E731
+            f"{api.url}/classify", params=late, files={"file": ("v.mp4", video.read_bytes())}, headers=ALICE
+        )
+        assert post().status_code == 404
+        copy_bundle(random_bundle, repository / "late-1", "late", "1")
+        assert post().status_code == 404  # scanned a moment ago: not read again yet
+        app.state.repository_scanned_at = 0.0  # as if RESCAN_S had passed
+        accepted = post()
+        assert accepted.status_code == 202, accepted.text
+        names = {m["name"] for m in httpx.get(f"{api.url}/models", headers=ALICE).json()["models"]}
+        assert names == {"roll", "late"}
+    connection = Redis.from_url(settings_from_env(env).redis_url)
+    model_queue(connection, settings_from_env(env), "late").empty()

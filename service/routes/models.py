@@ -1,12 +1,14 @@
 """``GET /models`` and ``GET /models/{name}``: the model repository (``worker.repository``), and the
 one place a request's ``model``/``version`` is resolved to a bundle (``resolve_model``).
 
-The repository is read when the app starts (bundle metadata only: plain JSON, no weights). Which
+The repository is read when the app starts (bundle metadata only: plain JSON, no weights), and again
+when a request names a model it does not hold (at most every ``RESCAN_S``). Which
 workers serve a model comes from the workers' liveness keys, matched on name, version and digest.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
@@ -42,11 +44,32 @@ def resolve_model(request: Request, name: str | None, version: str | None) -> Mo
             headers={"Retry-After": "30"},
         )
     try:
-        return repo.resolve(name, version)
+        try:
+            return repo.resolve(name, version)
+        except ModelNotFound:
+            repo = rescan(request)  # a bundle added since the last scan is found without a restart
+            if repo is None:
+                raise
+            return repo.resolve(name, version)
     except ModelNotFound as exc:
         raise ApiError(404, "unknown_model", str(exc), reason="unknown_model") from None
     except ModelNotServed as exc:
         raise ApiError(422, "model_not_served", str(exc), reason="bad_parameter") from None
+
+
+RESCAN_S = 10.0  # at most one rescan of the repository per this many seconds, on a miss
+
+
+def rescan(request: Request) -> Repository | None:
+    """Read the repository again (metadata only) when the last scan is older than ``RESCAN_S``; the
+    new repository, or None when it was read too recently."""
+    state = request.app.state
+    now = time.monotonic()
+    if now - getattr(state, "repository_scanned_at", 0.0) < RESCAN_S:
+        return None
+    state.repository_scanned_at = now
+    state.repository = Repository.scan(state.settings)
+    return state.repository
 
 
 def serving_workers(workers: list[dict], entry: ModelEntry) -> list[str]:
