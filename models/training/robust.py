@@ -78,6 +78,12 @@ class RobustConfig:
     attack: str = "fgsm_rs"  # or "nfgsm"
     fgsm_step: float = 1.25  # FGSM-RS step in units of eps (N-FGSM: 1.0, noise 2 eps, no projection)
     ce_attack_frac: float = 0.5  # share of attacked clips whose attack maximises CE (rest: flow EPE)
+    # Share of attacked clips whose perturbation is crafted on the frozen source bundle (CE through its
+    # RAFT at grad_updates): a first run's white-box PGD accuracy rose to 69 % in 48 steps while PGD
+    # crafted on the source still fooled 8 of 8 clips (gradient masking), so the model also trains on,
+    # and is validated against, the perturbations the source's gradients find.
+    source_attack_frac: float = 0.34
+    reset_best: bool = False  # on resume: forget the best record (the validation metric changed)
     clean_frac: float = 0.25  # share of each batch trained clean
     grad_updates: int = 2  # RAFT updates on the attacker's gradient path
     train_updates: int = 4  # RAFT iterates supervised by the sequence loss
@@ -234,9 +240,32 @@ def val_set(n: int, frames: int, size: int, num_classes: int = len(CLASSES)) -> 
 
 
 @torch.no_grad()
-def validate(models: Models, cfg: RobustConfig, data: tuple[Tensor, Tensor, Tensor]) -> dict:
+def transfer_examples(source: Models, cfg: RobustConfig, data: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """PGD (``val_pgd_steps``, CE, gradient through the source's RAFT at ``grad_updates``) on the
+    frozen source models: fixed examples, computed once, that every validation judges."""
+    from models.robustness.attacks import pgd
+
+    clips, _, labels = data
+    device = next(source.classifier.parameters()).device
+    torch.manual_seed(cfg.seed + 54321)
+    out = []
+    for start in range(0, clips.shape[0], cfg.val_batch):
+        x = clips[start : start + cfg.val_batch].to(device)
+        y = labels[start : start + cfg.val_batch].to(device)
+        out.append(
+            pgd(lambda z: source.logits(z, cfg.grad_updates), x, y, cfg.epsilon, cfg.val_pgd_steps, cfg.epsilon / 4)
+        )
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def validate(
+    models: Models, cfg: RobustConfig, data: tuple[Tensor, Tensor, Tensor], transfer: Tensor | None = None
+) -> dict:
     """Clean / FGSM / PGD-10 accuracy at ``epsilon`` (gradient at ``grad_updates``, judged at
-    ``infer_updates``) and the EPE of the clean and the PGD-attacked flow against the exact flow."""
+    ``infer_updates``) and the EPE of the clean and the PGD-attacked flow against the exact flow;
+    with ``transfer`` (PGD examples crafted on the source), their accuracy and EPE too, and the
+    per-clip worst case of PGD and transfer (``worst_acc``)."""
     from models.robustness.attacks import pgd
 
     clips, gts, labels = data
@@ -247,8 +276,8 @@ def validate(models: Models, cfg: RobustConfig, data: tuple[Tensor, Tensor, Tens
     for p in models.pipeline.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed + 12345)  # the same PGD random starts at every validation
-    counts = {"clean": 0, "fgsm": 0, "pgd": 0}
-    epe_clean, epe_adv = [], []
+    counts = {"clean": 0, "fgsm": 0, "pgd": 0, "transfer": 0, "worst": 0}
+    epe_clean, epe_adv, epe_transfer = [], [], []
 
     def grad_logits(z: Tensor) -> Tensor:
         return models.logits(z, cfg.grad_updates)
@@ -264,12 +293,27 @@ def validate(models: Models, cfg: RobustConfig, data: tuple[Tensor, Tensor, Tens
         counts["fgsm"] += int((models.logits(x_fgsm, cfg.infer_updates).argmax(1) == y).sum())
         x_pgd = pgd(grad_logits, x, y, cfg.epsilon, steps=cfg.val_pgd_steps, step_size=cfg.epsilon / 4)
         flow_adv = models.flow(x_pgd, cfg.infer_updates)["forward"]
-        counts["pgd"] += int((models.classify(flow_adv).argmax(1) == y).sum())
+        right = models.classify(flow_adv).argmax(1) == y
+        counts["pgd"] += int(right.sum())
         epe_adv.append(epe_per_clip(flow_adv, gt))
+        if transfer is not None:
+            flow_t = models.flow(transfer[start : start + cfg.val_batch].to(device), cfg.infer_updates)["forward"]
+            right_t = models.classify(flow_t).argmax(1) == y
+            counts["transfer"] += int(right_t.sum())
+            counts["worst"] += int((right & right_t).sum())
+            epe_transfer.append(epe_per_clip(flow_t, gt))
     n = clips.shape[0]
     models.flow.train(was[0])
     models.classifier.train(was[1])
+    extra = {}
+    if transfer is not None:
+        extra = {
+            "transfer_acc": counts["transfer"] / n,
+            "transfer_epe": float(torch.cat(epe_transfer).mean()),
+            "worst_acc": counts["worst"] / n,
+        }
     return {
+        **extra,
         "clean_acc": counts["clean"] / n,
         "fgsm_acc": counts["fgsm"] / n,
         "pgd10_acc": counts["pgd"] / n,
@@ -284,7 +328,7 @@ def validate(models: Models, cfg: RobustConfig, data: tuple[Tensor, Tensor, Tens
 def _score(record: dict, min_clean: float) -> tuple:
     """Ordering of validations for the best checkpoint: eligible (clean >= floor), PGD accuracy,
     then lower attacked EPE."""
-    return (record["clean_acc"] >= min_clean, record["pgd10_acc"], -record["pgd10_epe"])
+    return (record["clean_acc"] >= min_clean, record.get("worst_acc", record["pgd10_acc"]), -record["pgd10_epe"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +357,7 @@ def _train_step(
     lr: float,
     cfg: RobustConfig,
     device: torch.device,
+    source: Models | None = None,
 ) -> dict:
     clips, gts, labels = (t.to(device) for t in train_batch(step, cfg, models.num_classes))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 31 + 17)
@@ -322,10 +367,15 @@ def _train_step(
     use_ce = use_ce.to(device)
     models.flow.eval()
     models.classifier.eval()  # BatchNorm statistics stay the shipped ones (small batches)
+    from_source = torch.rand(batch, generator=g) < (cfg.source_attack_frac if source is not None else 0.0)
+    from_source = from_source.to(device)
     adv = clips.clone()
-    if n_clean < batch:
-        sl = slice(n_clean, batch)
-        adv[sl] = fgsm_attack(models, clips[sl], gts[sl], labels[sl], use_ce[sl], epsilon, cfg, g)
+    for attacker, pick in ((models, ~from_source), (source, from_source)):
+        pick = pick.clone()
+        pick[:n_clean] = False
+        if bool(pick.any()):
+            use = use_ce[pick] if attacker is models else torch.ones_like(use_ce[pick])
+            adv[pick] = fgsm_attack(attacker, clips[pick], gts[pick], labels[pick], use, epsilon, cfg, g)
     train_flow = stage in ("flow", "joint")
     train_cls = stage in ("classifier", "joint")
     for p in models.flow.parameters():
@@ -396,6 +446,7 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
     device = training_device(cfg.device)
     bundle = _load_source(cfg, device)
     models = Models(bundle.pipeline)
+    source = Models(_load_source(cfg, device).pipeline) if cfg.source_attack_frac > 0 else None
     optimizers = _optimizers(models, cfg)
     state = _fresh_state()
     if resume and state_path.is_file():
@@ -406,6 +457,8 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
         for name, opt in optimizers.items():
             opt.load_state_dict(saved["optimizers"][name])
         state = saved["state"]
+        if cfg.reset_best:
+            state["best"], state["stale"] = None, 0
         torch.set_rng_state(saved["torch_rng"])
         log.info(
             "resuming at stage %s, stage step %d (%.1f min of it done), global step %d",
@@ -415,6 +468,13 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
             state["global_step"],
         )
     val_data = val_set(cfg.val_clips, cfg.frames, cfg.size, models.num_classes)
+    transfer = None
+    if source is not None:
+        t0 = time.perf_counter()
+        transfer = transfer_examples(source, cfg, val_data)
+        log.info(
+            "validation: PGD-%d examples crafted on the source (%.0f s)", cfg.val_pgd_steps, time.perf_counter() - t0
+        )
 
     def save() -> None:
         atomic_save(
@@ -432,7 +492,7 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
 
     def run_validation(stage: str) -> None:
         t0 = time.perf_counter()
-        record = validate(models, cfg, val_data)
+        record = validate(models, cfg, val_data, transfer)
         record.update(
             stage=stage,
             stage_step=state["stage_step"],
@@ -453,7 +513,8 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
             state["stale"] += 1
             tag = f"no improvement ({state['stale']}/{cfg.patience})"
         log.info(
-            "VAL %s step %d (%.1f min): clean %.3f  fgsm %.3f  pgd10 %.3f  EPE clean %.3f  pgd10 %.3f px  (%.0f s) %s",
+            "VAL %s step %d (%.1f min): clean %.3f  fgsm %.3f  pgd10 %.3f  EPE clean %.3f  pgd10 %.3f px%s"
+            "  (%.0f s) %s",
             stage,
             state["stage_step"],
             state["total_elapsed"] / 60,
@@ -462,6 +523,10 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
             record["pgd10_acc"],
             record["clean_epe"],
             record["pgd10_epe"],
+            f"  transfer {record['transfer_acc']:.3f} (EPE {record['transfer_epe']:.3f} px)"
+            f"  worst {record['worst_acc']:.3f}"
+            if "worst_acc" in record
+            else "",
             record["val_seconds"],
             tag,
         )
@@ -492,7 +557,7 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
             ramp = min(1.0, progress / scfg.ramp) if scfg.ramp > 0 else 1.0
             epsilon = cfg.epsilon * ramp
             lr = one_cycle_lr(scfg.lr, progress)
-            out = _train_step(models, optimizers, stage, state["global_step"], epsilon, lr, cfg, device)
+            out = _train_step(models, optimizers, stage, state["global_step"], epsilon, lr, cfg, device, source)
             state["stage_step"] += 1
             state["global_step"] += 1
             dt = time.perf_counter() - t0

@@ -47,6 +47,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps", type=float, default=8.0, help="attack radius in /255")
     parser.add_argument("--attack", choices=("fgsm_rs", "nfgsm"), default="fgsm_rs")
     parser.add_argument("--ce-attack-frac", type=float, default=0.5, help="attacks on CE (rest: on flow EPE)")
+    parser.add_argument(
+        "--source-attack-frac",
+        type=float,
+        default=0.34,
+        help="attacked clips whose perturbation is crafted on the frozen source bundle (0: none; the "
+        "validation then has no transfer row)",
+    )
+    parser.add_argument("--reset-best", action="store_true", help="with --resume: forget the best record")
     parser.add_argument("--clean-frac", type=float, default=0.25, help="share of each batch trained clean")
     parser.add_argument("--train-updates", type=int, default=4, help="RAFT iterates in the sequence loss")
     parser.add_argument("--ce-weight", type=float, default=0.5, help="joint stage: CE weight")
@@ -90,6 +98,8 @@ def build_config(args: argparse.Namespace):
         fgsm_step=1.0 if args.attack == "nfgsm" else 1.25,
         ce_attack_frac=args.ce_attack_frac,
         clean_frac=args.clean_frac,
+        source_attack_frac=args.source_attack_frac,
+        reset_best=args.reset_best,
         train_updates=args.train_updates,
         ce_weight=args.ce_weight,
         val_clips=args.val_clips,
