@@ -44,9 +44,12 @@ def accept(connection: Redis, settings: Settings, identity: dict, job: Job, queu
     if not ref or same_bundle(ref, identity):
         return True
     target = pinned_queue(connection, settings, str(ref.get("name")), str(ref.get("sha256", "")))
-    queue.intermediate_queue.remove(job.id)  # RQ keeps a single-queue worker's dequeued ids there
     job.meta["reroutes"] = int(job.meta.get("reroutes", 0)) + 1
-    target.enqueue_job(job)
+    with connection.pipeline() as pipe:  # one MULTI: a worker dying here loses nothing
+        pipe.multi()
+        target.enqueue_job(job, pipeline=pipe)
+        pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # RQ keeps a dequeued id there until it starts
+        pipe.execute()
     log.info(
         "job %s is for %s v%s (sha256 %.12s), not this worker's %s v%s (sha256 %.12s): moved to %s",
         job.id,
