@@ -22,6 +22,7 @@ from redis import Redis
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from test_web import browser  # noqa: F401 - the headless chromium fixture
 
 from models.bundle_meta import read_bundle_meta, write_bundle_meta
 from worker.queueing import JOB_FUNCTION, model_queue, pinned_queue, pinned_queue_name
@@ -394,3 +395,46 @@ def test_a_bundle_added_to_the_repository_is_found_without_a_restart(service_env
         assert names == {"roll", "late"}
     connection = Redis.from_url(settings_from_env(env).redis_url)
     model_queue(connection, settings_from_env(env), "late").empty()
+
+
+@pytest.mark.integration
+def test_the_web_page_picks_the_model_and_names_the_one_that_answered(
+    service_env,
+    repository_dir,
+    browser,  # noqa: F811 - test_web's headless chromium fixture, imported above
+    tmp_path,
+):
+    """In a real browser against ``serve`` with two served models: the Model select lists them (from
+    GET /models), the chosen one runs the job, and the result names it with its sha256."""
+    from helpers_serve import ServeProcess
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    from test_web import _submit as submit_in_page
+    from test_web import _wait
+
+    env = _env(service_env, tmp_path, repository_dir, repository_dir / "beta-1", MOTIONGUARD_MODELS="alpha:2,beta")
+    env["MOTIONGUARD_API_KEYS"] = "key-alice"
+    video = write_video(tmp_path / "v.mp4", count=4, height=64, width=64)
+    serve = ServeProcess(env, tmp_path / "serve.log", "--workers", "1")
+    try:
+        serve.start()
+        _until(
+            lambda: all(
+                m["workers"] for m in httpx.get(f"{serve.url}/models", headers=ALICE).json()["models"] if m["served"]
+            ),
+            "a worker for each served model",
+        )
+        alpha = httpx.get(f"{serve.url}/models/alpha", headers=ALICE).json()
+        browser.get(serve.url + "/")
+        browser.find_element(By.ID, "api-key").send_keys("key-alice\n")  # change event: the models load
+        select = Select(browser.find_element(By.ID, "model"))
+        _wait(browser, lambda d: len(select.options) == 3, 20, "the served models are not listed")
+        assert [o.text for o in select.options] == ["Server default", "alpha v2", "beta v1 (default)"]
+        select.select_by_visible_text("alpha v2")
+        submit_in_page(browser, video)
+        summary = browser.find_element(By.ID, "result-summary")
+        _wait(browser, lambda d: summary.is_displayed() and summary.text, 120, "no result")
+        assert f"Answered by model alpha v2 (sha256 {alpha['sha256'][:12]})" in summary.text, summary.text
+    finally:
+        if serve.proc and serve.proc.poll() is None:
+            serve.stop()
