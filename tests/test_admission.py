@@ -170,3 +170,42 @@ def test_the_queue_cap_holds_under_a_burst_per_model(service_env, random_bundle,
         for api in apis:
             if api.proc and api.proc.poll() is None:
                 api.stop()
+
+
+def test_a_queue_slot_is_free_again_once_its_job_left_the_queue(redis_url, tmp_path):
+    """The per-model slot set of the admission script: a slot counts while its job waits (or while
+    its upload is still being received, until the reservation deadline); it is free again once the
+    job started or ended, when the refused upload is released, or when the deadline has passed."""
+    from redis import Redis
+
+    from service import admission
+    from service.errors import ApiError
+    from worker.queueing import model_slots_key
+    from worker.settings import Settings
+
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(
+        redis_url=redis_url, key_prefix=f"slots-{tag}", queue_name=f"slots-{tag}", data_dir=tmp_path, max_queued=2
+    )
+    connection = Redis.from_url(redis_url)
+
+    def admit(name: str, model: str = "alpha") -> int:
+        try:
+            admission.admit(connection, settings, f"owner-{name}", f"{tag}{name}", None, model)
+            return 202
+        except ApiError as exc:
+            return exc.status
+
+    assert [admit("a"), admit("b"), admit("c")] == [202, 202, 503]  # a and b are still uploading
+    assert admit("x", model="beta") == 202  # another model, another queue
+    connection.hset(f"rq:job:{tag}a", "status", "started")  # a was dequeued by a worker
+    assert admit("c") == 202
+    assert admit("d") == 503
+    admission.release(connection, settings, "owner-b", f"{tag}b", None, "alpha")  # b's upload was refused
+    assert admit("d") == 202
+    connection.zadd(model_slots_key(settings, "alpha"), {f"{tag}c": 0})  # c's reservation deadline has passed
+    assert admit("e") == 202 and admit("f") == 503
+    connection.hset(f"rq:job:{tag}d", "status", "queued")  # d waits in the queue: its slot counts, deadline or not
+    connection.zadd(model_slots_key(settings, "alpha"), {f"{tag}d": 0})
+    assert admit("f") == 503
+    connection.delete(f"rq:job:{tag}a", f"rq:job:{tag}d", *connection.scan_iter(match=f"slots-{tag}:*"))
