@@ -23,6 +23,7 @@ from typing import Any
 
 from redis import Redis
 
+from worker.monitoring import flag_metrics
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,19 @@ def record_job(
     calibration: Any = None,
     decisions: Iterable[str] = (),
     defence_steps: int = 0,
+    attack_scores: list[float | None] | None = None,
+    signals: list[dict[str, float]] | None = None,
+    suspected_flags: list[bool] | None = None,
+    flag: Any = None,
 ) -> None:
     """Add one ended job to the shared metrics; never fails the job if Redis hiccups.
 
     ``model``/``version``/``calibration`` default to the bundle this worker process serves.
     ``decisions`` (one per clip) and ``defence_steps`` (their sum) feed
-    ``motionguard_clips_total{decision}`` and ``motionguard_defence_steps_total``.
+    ``motionguard_clips_total{decision}`` and ``motionguard_defence_steps_total``. ``attack_scores``,
+    ``signals`` and ``suspected_flags`` (one per clip) feed the attack flag's histograms, the drift
+    windows' suspected share and the attack-score drift window (``worker.monitoring.flag_metrics``);
+    ``flag`` is the bundle's flag calibration (its clean scores: the drift reference).
     """
     if model is None:
         model, version, calibration = _served_bundle()
@@ -132,6 +140,12 @@ def record_job(
                 pipe.hincrby(counters_key(settings, model, version), f"clips:{decision}", 1)
             if defence_steps:
                 pipe.hincrby(counters_key(settings, model, version), "defence_steps", int(defence_steps))
+            if attack_scores is not None or signals is not None:
+
+                def observe(p, name, label, buckets, values):
+                    _observe(p, settings, name, label, buckets, values, model, version)
+
+                flag_metrics.observe_flags(pipe, observe, attack_scores or [], signals or [])
             pipe.execute()
         if mc_before and model:
             from worker.monitoring.drift import DriftWindow
@@ -139,6 +153,17 @@ def record_job(
             window = DriftWindow(connection, model, version, settings.drift_window, prefix=drift_prefix(settings))
             threshold = getattr(calibration, "threshold", None)
             window.publish_calibration(calibration)
-            window.record_many((float(v), threshold is not None and float(v) > threshold) for v in mc_before)
+            flags = suspected_flags or [threshold is not None and float(v) > threshold for v in mc_before]
+            window.record_many((float(v), bool(f)) for v, f in zip(mc_before, flags, strict=False))
+            if attack_scores and flag is not None:
+                flag_metrics.record_score_drift(
+                    connection,
+                    drift_prefix(settings),
+                    model,
+                    version,
+                    settings.drift_window,
+                    flag,
+                    zip(attack_scores, flags, strict=False),
+                )
     except Exception:  # noqa: BLE001 - metrics must never fail a job
         log.warning("could not record job metrics", exc_info=True)

@@ -26,6 +26,7 @@ import torch
 from models.defense.purify import DefenseConfig
 from models.defense_mode import DefendMode, parse_mode
 from models.errors import UserError
+from worker.serving.flagging import ClipFlag, auto_threshold_of, flag_clips
 from worker.video import VideoInfo, VideoLimits, cut_clips, decode_video
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ class DefenseRequest:
     mode: DefendMode
     config: DefenseConfig
     figures: bool = False
-    threshold: float | None = None  # defend=auto: clips above this MC loss are purified
+    threshold: float | None = None  # defend=auto: clips above this MC loss (or attack score) are purified
+    decided_on: str = "mc_loss"  # defend=auto decides on the MC loss, or on the flag's "attack_score"
 
     @property
     def defended(self) -> bool:
@@ -109,10 +111,19 @@ def defense_request(
         raise UserError(str(exc)) from None
     if config.steps <= 0:
         mode = "off"
-    if mode == "auto" and pipeline.threshold is None:
+    if mode == "auto" and pipeline.threshold is None and auto_threshold_of(pipeline) is None:
         raise UserError("defend=auto needs a calibrated bundle (no MC-loss threshold to decide with)")
-    threshold = pipeline.threshold if mode == "auto" else None
-    return DefenseRequest(mode=mode, config=config, figures=bool(figures and mode != "off"), threshold=threshold)
+    threshold, decided_on = pipeline.threshold if mode == "auto" else None, "mc_loss"
+    flag_auto = auto_threshold_of(pipeline)
+    if mode == "auto" and flag_auto is not None:  # the bundle's flag decides (issue 24)
+        threshold, decided_on = flag_auto, "attack_score"
+    return DefenseRequest(
+        mode=mode,
+        config=config,
+        figures=bool(figures and mode != "off"),
+        threshold=threshold,
+        decided_on=decided_on,
+    )
 
 
 @dataclass
@@ -127,6 +138,7 @@ class ClipOutput:
     figures: dict[str, bytes] | None = None
     decision: str = "off"  # purified / stopped_early / skipped (defend=auto, under the threshold) / off
     defence_steps: int = 0  # gradient evaluations (forward + backward) the purification spent on it
+    flag: ClipFlag = field(default_factory=ClipFlag)  # the suspected-attack flag (worker.serving.flagging)
 
 
 @dataclass
@@ -160,12 +172,13 @@ def compute_clips(
     threshold = bundle.meta.calibration.threshold if bundle.meta.calibration is not None else None
     timings = BatchTimings(clips=int(clips.shape[0]))
     x = torch.from_numpy(np.ascontiguousarray(clips)).to(pipeline.device)
+    on_flag = request.decided_on == "attack_score"  # Pipeline.decide_auto decides (threshold None)
     pred = pipeline.predict(
         x,
         defend=request.mode,
         config=config,
-        threshold=request.threshold,
-        keep_flows=request.figures,
+        threshold=None if on_flag else request.threshold,
+        keep_flows=True,  # the flag reads the inference flows
         on_step=(lambda k, loss: check()) if check else None,
         leave=(lambda: torch.tensor(list(gone()), dtype=torch.bool)) if gone else None,
     )
@@ -175,6 +188,9 @@ def compute_clips(
     mc_before, mc_after = pred.mc_before.cpu().numpy(), pred.mc_after.cpu().numpy()
     restored = pred.restored.detach().cpu().numpy().astype(np.float32, copy=False)
     steps = pred.defence_steps.cpu().numpy()
+    t0 = time.perf_counter()
+    flags = flag_clips(bundle, x, pred, decided=on_flag and request.mode == "auto")
+    timings.classify_s += time.perf_counter() - t0
     outputs = [
         ClipOutput(
             probs=probs[j],
@@ -184,6 +200,7 @@ def compute_clips(
             restored=restored[j],
             decision=pred.decisions[j],
             defence_steps=int(steps[j]),
+            flag=flags[j],
         )
         for j in range(x.shape[0])
     ]
@@ -261,7 +278,9 @@ def assemble_result(
                 "labels": _top(output.probs, meta.labels, top_k),
                 "mc_loss_before": round(output.mc_before, 6),
                 "mc_loss_after": round(output.mc_after, 6),
-                "suspected_attack": bool(threshold is not None and output.mc_before > threshold),
+                "suspected_attack": output.flag.suspected,
+                "attack_score": output.flag.score,
+                "signals": output.flag.signals,
                 "mc_trajectory": [round(float(v), 6) for v in output.trajectory],
                 "decision": output.decision,
                 "defence_steps": output.defence_steps,
@@ -277,7 +296,7 @@ def assemble_result(
             "steps": config.steps if request.defended else 0,
             "epsilon": config.epsilon,
             "multi": config.multi,
-            **({"threshold": request.threshold} if request.mode == "auto" else {}),
+            **({"threshold": request.threshold, "decided_on": request.decided_on} if request.mode == "auto" else {}),
         },
         "labels": _top(probs_all.mean(axis=0), meta.labels, top_k),
         "clips": clip_results,

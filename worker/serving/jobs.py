@@ -186,6 +186,10 @@ def store_outputs(
         sum(c["suspected_attack"] for c in clips),
         decisions=[c["decision"] for c in clips],
         defence_steps=sum(c["defence_steps"] for c in clips),
+        attack_scores=[c.get("attack_score") for c in clips],
+        signals=[c.get("signals") or {} for c in clips],
+        suspected_flags=[bool(c["suspected_attack"]) for c in clips],
+        flag=getattr(runtime.bundle().meta, "flag", None),
     )
     log.info("job %s finished in %.0f ms", job_id, timings["total"])
     return {"stored": True, "compute_ms": timings["total"]}
