@@ -144,3 +144,11 @@ def test_flag_aware_success_needs_a_wrong_and_unflagged_answer(flagged_bundle, k
         assert (record.fooled_at is not None) == (not record.defended)
         assert set(record.signals) >= set(INPUT_SIGNALS)
         assert all(math.isfinite(v) for v in record.signals.values())
+
+
+def test_the_api_side_names_the_same_signals():
+    """worker.monitoring.flag_metrics is torch-free, so it keeps its own copy of the signal names."""
+    from models.defense.flag import SIGNALS
+    from worker.monitoring.flag_metrics import SIGNAL_NAMES
+
+    assert SIGNAL_NAMES == SIGNALS
