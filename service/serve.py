@@ -197,7 +197,13 @@ def served_models(settings, per_model: int) -> list[str | None]:
     from worker.repository import Repository
 
     repo = Repository.scan(settings)
+    for name, version in repo.specs:
+        if not any(e.name == name and version in (None, e.version) for e in repo.entries):
+            log.warning(
+                "MOTIONGUARD_MODELS names %s%s, which the repository does not hold", name, f":{version}" * bool(version)
+            )
     served = sorted(repo.served, key=lambda e: e != repo.default)
+    log.info("serving %s", ", ".join(f"{e.name} v{e.version} (sha256 {e.sha256[:12]})" for e in served) or "no model")
     if not served:
         return [None] * per_model
     return [f"{e.name}:{e.version}" for e in served for _ in range(per_model)]
