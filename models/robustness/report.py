@@ -264,7 +264,13 @@ def to_markdown(header: dict, summary: dict, costs: dict[str, float] | None = No
     sig = header["signature"]
     lines = [
         f"Bundle {header['bundle']['name']} v{header['bundle']['version']}, {header['source']}, seed {sig['seed']},"
-        f" MC-loss threshold {threshold_text(header['threshold'])}; accuracies in % with 95 % bootstrap intervals.",
+        f" MC-loss threshold {threshold_text(header['threshold'])}; accuracies in % with 95 % bootstrap intervals."
+        + (
+            f" Flagged = the multi-signal attack flag (score thresholds {sig['flag']}; docs/flag.md), not the MC loss;"
+            " a flag-aware row's success is a wrong AND unflagged answer."
+            if sig.get("flag")
+            else ""
+        ),
         "",
         *rows_table(summary, costs),
     ]
