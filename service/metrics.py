@@ -14,12 +14,12 @@ from collections import Counter as Counter_
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from worker.liveness import live_workers
 from worker.monitoring import flag_metrics
 from worker.monitoring import metrics as worker_metrics
 from worker.monitoring.drift import drift_families
 from worker.queueing import queue_depths
 from worker.repository import Repository
-from worker.serving.model_worker import live_workers
 
 log = logging.getLogger(__name__)
 

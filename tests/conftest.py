@@ -192,7 +192,7 @@ class WorkerPool:
     def live(self) -> list[dict]:
         from redis import Redis
 
-        from worker.serving.model_worker import live_workers
+        from worker.liveness import live_workers
         from worker.settings import Settings
 
         settings = Settings(redis_url=self.env["MOTIONGUARD_REDIS_URL"], key_prefix=self.env["MOTIONGUARD_KEY_PREFIX"])

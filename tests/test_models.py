@@ -275,7 +275,7 @@ def test_rolling_upgrade_loses_no_job_and_runs_none_on_the_wrong_bundle(service_
     every v1 job then finishes on the v1 worker and every v2 job on the v2 worker: 0 lost, 0 run on
     the wrong bundle (the sha256 in each result and the worker recorded for each job say so)."""
     from service.app import create_app
-    from worker.serving.model_worker import live_workers  # TEMP: worker.liveness once it lands
+    from worker.liveness import live_workers
 
     repository = tmp_path / "repository"
     old = copy_bundle(random_bundle, repository / "roll-1", "roll", "1")
@@ -340,7 +340,7 @@ def test_a_batching_worker_gathers_only_its_own_bundles_jobs(service_env, random
     """A batching worker (max_batch_clips 8) of ``roll`` v2 finds [v2, v1, v2] jobs queued: it batches
     the two v2 jobs and moves the v1 job it gathered to v1's pinned queue without running it."""
     from service.app import create_app
-    from worker.serving.model_worker import live_workers  # TEMP: worker.liveness once it lands
+    from worker.liveness import live_workers
 
     repository = tmp_path / "repository"
     old = copy_bundle(random_bundle, repository / "roll-1", "roll", "1")

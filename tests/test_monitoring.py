@@ -240,6 +240,27 @@ def test_worker_records_reach_the_api_collector_per_bundle(redis_client):
     assert value("motionguard_defence_steps_total", model="m", version="2") == 0
 
 
+def test_record_job_labels_with_the_bundle_the_process_serves(redis_client):
+    """A worker names its bundle once (``metrics.serve``, called by its runtime when the bundle loads);
+    every record_job without explicit labels is then counted under that bundle."""
+    from models.bundle_meta import Calibration
+    from worker.monitoring import metrics
+    from worker.settings import Settings
+
+    client, prefix = redis_client
+    settings = Settings(redis_url="redis://127.0.0.1:6379/0", key_prefix=prefix, queue_name=prefix, drift_window=50)
+    cal = Calibration(n=200, quantiles={"0.5": 0.37}, mean=0.37, std=0.1, threshold=0.8, sample=_clean(200, 0))
+    before = dict(metrics._served)
+    try:
+        metrics.serve("served", "7", cal)
+        metrics.record_job(client, settings, "finished", {"total": 1.0}, [0.2, 0.9], [0.1, 0.1], 1)
+    finally:
+        metrics._served.clear()
+        metrics._served.update(before)
+    assert metrics.bundles(client, settings) == [("served", "7")]
+    assert client.hget(metrics.counters_key(settings, "served", "7"), "jobs_finished:finished") == b"1"
+
+
 # --------------------------------------------------------------------------------- Prometheus files
 
 

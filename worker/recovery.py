@@ -25,10 +25,10 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.utils import parse_composite_key
 
+from worker.liveness import live_workers
 from worker.monitoring import metrics
 from worker.periodic import PeriodicThread
 from worker.queueing import pinned_queue_name, service_queues
-from worker.serving.model_worker import live_workers  # TEMP: worker.liveness once it lands
 from worker.settings import Settings
 from worker.storage import discard_upload, upload_exists
 

@@ -16,8 +16,8 @@ from fastapi import APIRouter, Path, Query, Request
 from service.deps import Owner, RedisDep, SettingsDep
 from service.errors import ApiError, ErrorBody, responses
 from service.schemas import DefenseDefaults, Limits, ModelInfo, ModelsInfo
+from worker.liveness import live_workers
 from worker.repository import ModelEntry, ModelNotFound, ModelNotServed, Repository
-from worker.serving.model_worker import live_workers  # TEMP: worker.liveness once it lands
 from worker.settings import Settings
 
 router = APIRouter(tags=["models"])

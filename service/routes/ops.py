@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service import metrics
 from service.deps import RedisDep, SettingsDep
 from service.schemas import Health, Ready
-from worker.serving.model_worker import live_workers
+from worker.liveness import live_workers
 
 router = APIRouter(tags=["operations"])
 

@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from models.bundle.load import load_bundle
+    from worker.liveness import LivenessThread
     from worker.queueing import make_queue, model_queue, pinned_queue
     from worker.recovery import RecoveryThread
     from worker.repository import bundle_digest
     from worker.serving import runtime
-    from worker.serving.model_worker import LivenessThread
     from worker.serving.routing import RoutedWorker
 
     if settings.torch_threads:

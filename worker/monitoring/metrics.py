@@ -63,18 +63,21 @@ def drift_prefix(settings: Settings) -> str:
     return settings.key(DRIFT_KEY)
 
 
-def _served_bundle() -> tuple[str, str, Any]:
-    """(name, version, calibration) of the bundle this worker process has loaded, else ("", "", None).
+_served: dict[str, Any] = {}
 
-    Reads the worker's runtime state without loading anything: a metric never loads a model.
+
+def serve(name: str, version: str, calibration: Any) -> None:
+    """Name the bundle this process serves: the default labels of every ``record_job`` from now on.
+
+    Called by the worker's runtime (``worker.serving.runtime``) when its bundle is loaded, so this
+    module never imports the serving side (the API process imports it too).
     """
-    from worker.serving import runtime
+    _served.update(name=name, version=version, calibration=calibration)
 
-    bundle = runtime._state.get("bundle")
-    meta = getattr(bundle, "meta", None)
-    if meta is None:
-        return "", "", None
-    return meta.name, meta.version, meta.calibration
+
+def _served_bundle() -> tuple[str, str, Any]:
+    """(name, version, calibration) of the bundle this worker process has loaded, else ("", "", None)."""
+    return _served.get("name", ""), _served.get("version", ""), _served.get("calibration")
 
 
 def _observe(

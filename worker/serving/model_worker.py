@@ -5,7 +5,8 @@ forked), but it refreshes nothing while a job runs: its started-registry entry l
 job timeout, which is how a killed worker's job ends up stuck in ``started``. Here a thread renews
 the worker key, the execution and the registry entry every ``heartbeat_interval_s`` with a TTL of
 ``heartbeat_ttl_s``, so a vanished worker is detected within seconds (``worker.recovery``). A second
-thread publishes a liveness key with the bundle it serves, read by the API's ``/readyz``.
+thread (``worker.liveness``, started by ``worker.cli.worker``) publishes a liveness key with the
+bundle it serves, read by the API's ``/readyz``.
 
 With ``max_batch_clips`` > 1 a job of ``worker.serving.jobs.analyse_job`` is run by ``worker.serving.batching``
 together with further queued jobs; the heartbeat thread then beats every job of the batch.
@@ -13,9 +14,7 @@ together with further queued jobs; the heartbeat thread then beats every job of 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 
@@ -26,7 +25,6 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
-from worker.periodic import PeriodicThread
 from worker.queueing import JOB_FUNCTION
 from worker.settings import Settings
 
@@ -143,36 +141,3 @@ class ModelWorker(SimpleWorker):
                     self.maintain_heartbeats(job, execution)
                 except Exception:  # noqa: BLE001 - a missed beat is retried; recovery waits heartbeat_ttl_s
                     log.debug("job heartbeat failed", exc_info=True)
-
-
-class LivenessThread(PeriodicThread):
-    """Keeps ``<prefix>:worker:<name>`` alive (TTL heartbeat_ttl_s) with the bundle this worker serves."""
-
-    def __init__(self, worker: ModelWorker, settings: Settings, info: dict):
-        super().__init__("motionguard-liveness", settings.heartbeat_interval_s, immediate=True)
-        self.worker, self.settings = worker, settings
-        self.key = settings.key("worker", worker.name)
-        self.value = json.dumps({**info, "pid": os.getpid(), "name": worker.name})
-
-    def beat(self) -> None:
-        self.worker.connection.set(self.key, self.value, ex=self.settings.heartbeat_ttl_s)
-
-    def tick(self) -> None:
-        try:
-            self.beat()
-        except Exception:  # noqa: BLE001
-            log.debug("liveness beat failed", exc_info=True)
-
-    def stop(self) -> None:
-        super().stop()
-        try:
-            self.worker.connection.delete(self.key)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def live_workers(connection, settings: Settings) -> list[dict]:
-    """The workers whose liveness key has not expired (torch-free, used by the API)."""
-    keys = list(connection.scan_iter(match=settings.key("worker", "*"), count=200))
-    values = connection.mget(keys) if keys else []
-    return [json.loads(v) for v in values if v]

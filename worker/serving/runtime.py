@@ -12,6 +12,7 @@ from typing import Any
 
 from redis import Redis
 
+from worker.monitoring import metrics
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,14 @@ def configure(
     with _lock:
         _state.update(settings=settings, connection=connection, bundle=bundle, worker_name=worker_name)
         _state["identity"] = identity
+    _serve(bundle)
+
+
+def _serve(bundle: Any) -> None:
+    """Tell the metrics which bundle this process serves (their default model/version labels)."""
+    meta = getattr(bundle, "meta", None)
+    if meta is not None:
+        metrics.serve(meta.name, meta.version, meta.calibration)
 
 
 def settings() -> Settings:
@@ -47,6 +56,7 @@ def bundle() -> Any:
 
             current = _state.get("settings") or get_settings()
             _state["bundle"] = load_bundle(current.bundle_dir, device=current.device, **current.bundle_overrides)
+            _serve(_state["bundle"])
         return _state["bundle"]
 
 
