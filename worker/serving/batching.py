@@ -19,10 +19,14 @@ waiting at most ``max_batch_delay_ms`` (Triton's ``max_queue_delay_microseconds`
 Every job keeps its own RQ lifecycle, through RQ's own calls: ``prepare_execution`` (an execution
 in the ``StartedJobRegistry``), ``prepare_job_execution`` (status ``started``, worker name), a
 heartbeat for each execution from the worker's heartbeat thread (so ``worker.recovery`` requeues
-every job of a SIGKILLed worker), and ``_finalize_success``/``_finalize_failure`` (result or
-failure, registries, callbacks). A canceled job, or one past its timeout, ends at the next
-defence step and its clips leave the purification (``Pipeline.predict(leave=...)``); the others go
-on. Nothing is pickled.
+every job of a SIGKILLed worker), and the worker's ``finalize_success``/``finalize_failure``
+(result or failure, registries, callbacks: RQ's private calls, isolated in
+``worker.serving.rq_lifecycle``). A canceled job, or one past its timeout, ends at the next defence
+step and its clips leave the purification (``Pipeline.predict(leave=...)``); the others go on.
+Nothing is pickled.
+
+The worker is seen through ``BatchHost``, the few things a batch needs of it (``ModelWorker``
+implements it); this module does not import the worker.
 
 Timeouts: the API sizes a job's timeout for its own clips; in a batch the job shares the compute
 with the batch's other clips, so its limit is scaled by (estimated batch clips / its clips). RQ's
@@ -37,9 +41,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from redis import Redis
+from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
@@ -59,19 +65,54 @@ from worker.serving.inference import (
     prepare_video,
 )
 from worker.serving.jobs import REDIS_DOWN, JobParams, begin_job, record_failure, store_outputs
+from worker.settings import Settings
 from worker.storage import discard_upload
 from worker.video import VideoLimits
-
-if TYPE_CHECKING:
-    from rq.executions import Execution
-
-    from worker.serving.model_worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.005  # how often the queue is looked at while a batch waits to fill
 CANCEL_POLL_S = 0.25  # how often the jobs' cancel flags are read during the compute
 BACKSTOP_SLACK_S = 10  # the death penalty fires this long after the latest job's own deadline
+
+
+@runtime_checkable
+class BatchHost(Protocol):
+    """What a batch needs of the worker that runs it (``worker.serving.model_worker.ModelWorker``)."""
+
+    settings: Settings
+    connection: Redis
+    queues: list[Queue]
+    job_class: type[Job]
+    serializer: Any
+    death_penalty_class: type
+
+    @property
+    def stopping(self) -> bool:
+        """A shutdown was requested: take no further job."""
+        ...
+
+    def accepts(self, job: Job, queue: Queue) -> bool:
+        """Whether this worker may run a job it dequeued (else the worker has moved it elsewhere)."""
+        ...
+
+    def prepare_execution(self, job: Job) -> Execution: ...
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None: ...
+
+    def track(self, job: Job, execution: Execution) -> None:
+        """Heartbeat this execution until ``untrack``."""
+        ...
+
+    def untrack(self, execution: Execution) -> None: ...
+
+    def finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        """End the job as RQ does after it returned ``return_value``."""
+        ...
+
+    def finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc: BaseException) -> None:
+        """End the job as RQ does after it raised ``exc``."""
+        ...
 
 
 @dataclass(eq=False)  # identity: one Member per job, usable as a dict key
@@ -105,7 +146,7 @@ class BatchLeft(Exception):
 class BatchRun:
     """Gather jobs after ``first`` and run them as batches; every job ends here, one way or another."""
 
-    def __init__(self, worker: ModelWorker, first: Job, queue: Queue):
+    def __init__(self, worker: BatchHost, first: Job, queue: Queue):
         self.worker = worker
         self.settings = worker.settings
         self.connection = worker.connection
@@ -133,7 +174,7 @@ class BatchRun:
 
     def succeed(self, member: Member, return_value: dict) -> None:
         try:
-            self.worker._finalize_success(member.job, member.queue, member.execution, return_value)
+            self.worker.finalize_success(member.job, member.queue, member.execution, return_value)
         finally:
             self._end(member)
 
@@ -143,9 +184,7 @@ class BatchRun:
             return
         try:
             record_failure(member.job, self.connection, self.settings, exc)
-            self.worker._finalize_failure(
-                member.job, member.queue, member.execution, (type(exc), exc, exc.__traceback__)
-            )
+            self.worker.finalize_failure(member.job, member.queue, member.execution, exc)
         finally:
             self._end(member)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -26,6 +27,7 @@ from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
 from worker.queueing import JOB_FUNCTION
+from worker.serving import rq_lifecycle
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,9 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 class ModelWorker(SimpleWorker):
     """Rides out a Redis outage instead of quitting: RQ's loop survives a lost connection only while
     it waits for a job; here a job that could not be recorded, and the loop's own bookkeeping,
-    wait for Redis to come back (the job is then requeued by ``worker.recovery``)."""
+    wait for Redis to come back (the job is then requeued by ``worker.recovery``).
+
+    Implements ``worker.serving.batching.BatchHost``: what a batch of jobs needs of its worker."""
 
     settings: Settings  # set by worker.cli.worker before work() starts
     bundle_info: dict = {}
@@ -81,6 +85,12 @@ class ModelWorker(SimpleWorker):
     def untrack(self, execution: Execution) -> None:
         with self._beats_lock:
             self._beats.pop(execution.id, None)
+
+    def finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        rq_lifecycle.finalize_success(self, job, queue, execution, return_value)
+
+    def finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc: BaseException) -> None:
+        rq_lifecycle.finalize_failure(self, job, queue, execution, exc)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         batched = self.settings.max_batch_clips > 1 and job.func_name == JOB_FUNCTION
