@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from test_reliability import Stack, wait_for
 pytestmark = pytest.mark.integration
 
 HEARTBEAT_TTL_S = 3
+LEFT_QUEUE = ("started", "finished", "failed", "canceled")  # taken by a worker (and maybe ended since)
 
 
 def enqueue(stack: Stack, video: Path, timeout: int = 300, **params) -> str:
@@ -49,10 +49,15 @@ def _stack(service_env, tmp: Path, workers: int = 1, **env) -> Stack:
     return Stack(service_env, tmp, heartbeat_ttl_s=HEARTBEAT_TTL_S, recovery_interval_s=0.5, **env).start(workers)
 
 
+BATCH_DELAY_MS = 4000  # longer than the timed-out job's scaled deadline (1 s x 3 clips): see below
+
+
 @pytest.fixture(scope="module")
 def batch_stack(service_env, tmp_path_factory):
-    """One batching worker: up to 8 clips, waiting up to 1.5 s for them."""
-    stack = _stack(service_env, tmp_path_factory.mktemp("batching"), max_batch_clips=8, max_batch_delay_ms=1500)
+    """One batching worker: up to 8 clips, waiting up to ``BATCH_DELAY_MS`` for them."""
+    stack = _stack(
+        service_env, tmp_path_factory.mktemp("batching"), max_batch_clips=8, max_batch_delay_ms=BATCH_DELAY_MS
+    )
     try:
         yield stack
     finally:
@@ -100,13 +105,19 @@ def test_one_batch_many_results_equal_to_one_job_at_a_time(batch_stack, random_b
 
 def test_canceled_and_timed_out_jobs_leave_the_batch_the_others_go_on(batch_stack, tmp_path):
     """Three jobs in one batch: one canceled while it runs ends ``canceled``, one past its (scaled)
-    timeout ends ``failed``/``timeout``, both well before the third, which finishes."""
+    timeout ends ``failed``/``timeout``, both before the third, which finishes.
+
+    No speed assumption: the timed-out job is queued first, so the worker dequeues it first and then
+    gathers for ``BATCH_DELAY_MS`` (3 clips < 8: the full delay) before the first defence step. Its
+    deadline, 1 s scaled by 3 clips / its 1 = 3 s after its dequeue, has passed at that first step
+    whatever the CPU. The cancel is sent once all three are observed ``started`` (in the batch); the
+    worker reads the flag at the next defence step, before the kept job's last one."""
     videos = _videos(tmp_path, 3)
-    keep = enqueue(batch_stack, videos[0], steps=30)
-    cancel = enqueue(batch_stack, videos[1], steps=30)
-    late = enqueue(batch_stack, videos[2], steps=30, timeout=2)
-    wait_for(lambda: all(batch_stack.job(j).get_status() == "started" for j in (keep, cancel, late)), 60, 0.05)
-    time.sleep(0.5)
+    late = enqueue(batch_stack, videos[2], steps=8, timeout=1)
+    keep = enqueue(batch_stack, videos[0], steps=8)
+    cancel = enqueue(batch_stack, videos[1], steps=8)
+    in_batch = lambda: all(batch_stack.job(j).get_status() in LEFT_QUEUE for j in (keep, cancel, late))  # noqa: E731
+    wait_for(in_batch, 60, 0.05, "all three jobs taken into the batch")
     response = httpx.delete(f"{batch_stack.url}/jobs/{cancel}", headers=ALICE, timeout=30)
     assert response.status_code == 202, response.text
 
@@ -124,19 +135,21 @@ def test_canceled_and_timed_out_jobs_leave_the_batch_the_others_go_on(batch_stac
 
 
 def test_sigkilled_batching_worker_every_job_requeued_and_run_once(service_env, tmp_path):
-    """A batch of three jobs on a worker that is SIGKILLed mid-compute: every job is requeued by
-    the heartbeat recovery and finishes on the next worker, started exactly twice in all. (These
-    workers draw no clip pictures: ``clip_figures=false``.)"""
+    """A batch of three jobs on a worker that is SIGKILLed while the batch runs: every job is requeued
+    by the heartbeat recovery and finishes on the next worker, started exactly twice in all. (These
+    workers draw no clip pictures: ``clip_figures=false``.)
+
+    The kill follows the observation that all three are started on one worker, with no sleep: the
+    worker gathers for ``BATCH_DELAY_MS`` before it computes, so the batch cannot have ended by then."""
     from rq.results import Result
 
-    stack = _stack(service_env, tmp_path, max_batch_clips=4, max_batch_delay_ms=1500, clip_figures="false")
+    stack = _stack(service_env, tmp_path, max_batch_clips=4, max_batch_delay_ms=BATCH_DELAY_MS, clip_figures="false")
     try:
         ids = [enqueue(stack, video, steps=8) for video in _videos(tmp_path, 3)]
         started = lambda: all(stack.job(j).get_status() == "started" and stack.job(j).meta.get("worker") for j in ids)  # noqa: E731
         wait_for(started, 60, 0.05, "batch started")
         victim = stack.job(ids[0]).meta["worker"]
         assert {stack.job(j).meta["worker"] for j in ids} == {victim}
-        time.sleep(0.5)
         stack.pool.procs[0].send_signal(signal.SIGKILL)
         stack.pool.procs[0].wait(timeout=10)
         stack.pool.start(1)
