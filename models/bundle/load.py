@@ -7,6 +7,7 @@ never pair a classifier with a flow model (or a threshold) it was not made with.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -106,25 +107,19 @@ def with_defense(meta: BundleMeta, overrides: dict[str, object]) -> BundleMeta:
         raise BundleError(f"invalid defence settings {overrides}: {exc.errors()[0]['msg']}") from None
 
 
+#: ``DefenseConfig`` fields the bundle resolves from other sections, not copied from ``defense``.
+RESOLVED_DEFENSE_FIELDS = ("flow_updates", "stop_below")
+
+
 def defense_config(meta: BundleMeta) -> DefenseConfig:
-    """The purification a bundle's ``defense`` section describes (early-stop target resolved
-    against its calibration)."""
-    d = meta.defense
+    """The purification a bundle's ``defense`` section describes: every ``DefenseConfig`` field the
+    section names is taken from it by name (a field added to both is carried without a copy here),
+    the gradient flow's updates from ``flow`` and the early-stop target resolved against the calibration."""
+    shared = {f.name for f in dataclasses.fields(DefenseConfig)} - set(RESOLVED_DEFENSE_FIELDS)
     return DefenseConfig(
-        steps=d.steps,
-        step_size=d.step_size,
-        epsilon=d.epsilon,
-        lambda_smooth=d.lambda_smooth,
-        edge_lambda=d.edge_lambda,
-        similarity=d.similarity,
-        multi=d.multi,
+        **{name: getattr(meta.defense, name) for name in sorted(shared)},
         flow_updates=meta.flow.updates_grad,
-        keep_best=d.keep_best,
-        schedule=d.schedule,
-        patience=d.patience,
         stop_below=meta.stop_below(),
-        random_start=d.random_start,
-        restarts=d.restarts,
     )
 
 
