@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from models.bundle.load import load_bundle
-from models.robustness import attacks
+from models.robustness.attacks import base as attacks
+from models.robustness.attacks.base import defended_forward
+from models.robustness.attacks.through import defended_objective, defended_pgd, replay
 from models.robustness.spec import AttackSpec, parse_attack, run_attack
-from models.robustness.through import defended_forward, defended_objective, defended_pgd, replay
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ function with an exponential tail beyond the clean 90th percentile), its *surpri
 and ``attack_score`` = the largest surprise: the attacker must keep *every* signal clean-looking.
 The threshold is the clean (1 - fpr) quantile of the score, so the false-flag rate is stated, not
 hoped for. All of it is differentiable (``surprises``), which is what the flag-aware attacks in
-``models.robustness.flag_attacks`` optimise against.
+``models.robustness.attacks.flag`` optimise against.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class DefenseConfig:
 @dataclass
 class PurifyResult:
     """What the purification did, per clip; ``start``/``iterates``/``step_sizes``/``chosen`` let an
-    attack replay the steps differentiably (``models.robustness.attacks``) whatever schedule produced them:
+    attack replay the steps differentiably (``models.robustness.attacks.through``) whatever schedule produced them:
     x_0 = ``start`` and x_{k+1} = ``descent_step(x_k, origin, ..., step_sizes[k])`` exactly (a clip
     whose step is 0 stays where it is), and ``restored`` = x_{chosen}."""
 

@@ -243,7 +243,7 @@ def val_set(n: int, frames: int, size: int, num_classes: int = len(CLASSES)) -> 
 def transfer_examples(source: Models, cfg: RobustConfig, data: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """PGD (``val_pgd_steps``, CE, gradient through the source's RAFT at ``grad_updates``) on the
     frozen source models: fixed examples, computed once, that every validation judges."""
-    from models.robustness.attacks import pgd
+    from models.robustness.attacks.pgd import pgd
 
     clips, _, labels = data
     device = next(source.classifier.parameters()).device
@@ -266,7 +266,7 @@ def validate(
     ``infer_updates``) and the EPE of the clean and the PGD-attacked flow against the exact flow;
     with ``transfer`` (PGD examples crafted on the source), their accuracy and EPE too, and the
     per-clip worst case of PGD and transfer (``worst_acc``)."""
-    from models.robustness.attacks import pgd
+    from models.robustness.attacks.pgd import pgd
 
     clips, gts, labels = data
     device = next(models.classifier.parameters()).device

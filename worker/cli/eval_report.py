@@ -71,7 +71,7 @@ def _headline(summary: dict) -> str:
 
 
 METHOD = """\
-How the rows are made (`models/robustness/attacks.py`, `models/robustness/through.py`, `models/robustness/spec.py`;
+How the rows are made (`models/robustness/attacks/`, one module per attack, run by `models/robustness/spec.py`;
 budgets in 1/255, clips in [0, 1], L-inf; attack gradients through RAFT use 2 updates, every
 accuracy the real 12-update prediction):
 

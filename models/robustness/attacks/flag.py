@@ -37,9 +37,17 @@ from models.defense.flag import (
     total_variation,
 )
 from models.defense.pipeline import Pipeline
-from models.defense.purify import project
-from models.robustness.attacks import GRAD_UPDATES, FirstSuccess
-from models.robustness.through import cosine_steps, defended_forward
+from models.robustness.attacks.base import (
+    GRAD_UPDATES,
+    Attack,
+    AttackCall,
+    AttackResult,
+    FirstSuccess,
+    cosine_steps,
+    defended_forward,
+    project,
+    tracked,
+)
 
 Method = Literal["penalty", "orthogonal"]
 SCORE_MARGIN = 0.8  # the penalty switches on above this fraction of the threshold (the stand-in is not exact)
@@ -142,41 +150,40 @@ def flag_aware_pgd(
     return tracker
 
 
-#: Attack kinds of the spec parser (``models.robustness.spec``): the combined penalty, orthogonal PGD,
-#: and the penalty on each input signal alone (``flagpen-mc``, ``flagpen-noise``, ...).
+DEFAULT_LAMBDA = 10.0
+DEFAULT_STEPS = 10
+
+
+def flag_attack(kind: str, method: Method, only: str | None) -> Attack:
+    """The registry record of one flag-aware kind (options steps, step, lambda)."""
+
+    def run(call: AttackCall) -> AttackResult:
+        if call.flag is None:
+            raise ValueError(f"attack {kind!r} needs a bundle with a flag calibration (motionguard calibrate --flag)")
+        tracker = flag_aware_pgd(
+            call.pipeline,
+            call.x,
+            call.y,
+            call.epsilon,
+            call.flag,
+            method=method,
+            lam=float(call.options.get("lambda", DEFAULT_LAMBDA)),
+            only=only,
+            steps=call.steps,
+            step_size=call.step_size,
+            defend=call.defend,
+        )
+        return tracked(call, tracker)
+
+    return Attack(run, steps=DEFAULT_STEPS, defense_aware=True, flag_aware=True)
+
+
+#: The spec kinds: the combined penalty, orthogonal PGD, and the penalty on each input signal alone
+#: (``flagpen-mc``, ``flagpen-noise``, ...).
 FLAG_KINDS: dict[str, tuple[Method, str | None]] = {
     "flagpen": ("penalty", None),
     "orthogonal": ("orthogonal", None),
     **{f"flagpen-{name}": ("penalty", name) for name in SIGNALS if name not in DEFENDED_SIGNALS},
 }
-DEFAULT_LAMBDA = 10.0
-DEFAULT_STEPS = 10
-
-
-def run_flag_attack(
-    kind: str,
-    options: dict[str, float],
-    pipeline: Pipeline,
-    x: Tensor,
-    y: Tensor,
-    epsilon: float,
-    flag: FlagCalibration | None,
-    defend: bool | str = True,
-) -> FirstSuccess:
-    """One flag-aware spec (``kind`` of ``FLAG_KINDS``; options steps, step, lambda) on a batch."""
-    if flag is None:
-        raise ValueError(f"attack {kind!r} needs a bundle with a flag calibration (motionguard calibrate --flag)")
-    method, only = FLAG_KINDS[kind]
-    return flag_aware_pgd(
-        pipeline,
-        x,
-        y,
-        epsilon,
-        flag,
-        method=method,
-        lam=float(options.get("lambda", DEFAULT_LAMBDA)),
-        only=only,
-        steps=int(options.get("steps", DEFAULT_STEPS)),
-        step_size=options["step"] / 255 if "step" in options else None,
-        defend=defend,
-    )
+#: Their records, as ``models.robustness.spec.ATTACKS`` registers them.
+FLAG_ATTACKS: dict[str, Attack] = {kind: flag_attack(kind, *how) for kind, how in FLAG_KINDS.items()}

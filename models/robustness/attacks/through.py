@@ -1,4 +1,4 @@
-"""Attacks that differentiate through the defence: BPDA and the through-defence (unrolled) attack.
+"""The through-defence (unrolled) attack, and the loop it shares with BPDA (``bpda``: unroll 0).
 
 Both are one loop (``defended_pgd``). Each step runs the REAL defended prediction on the current
 iterate (``Pipeline.predict(keep_iterates=True)``, 12-update classification), so the step
@@ -28,41 +28,28 @@ answer reaches the operator as "suspected", so it is not the silent failure this
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from models.defense.pipeline import Pipeline, Prediction
-from models.defense.purify import PurifyResult, clip_mc_loss, descent_step, project
-from models.robustness.attacks import GRAD_UPDATES, FirstSuccess, Judge, ce_loss
+from models.defense.purify import PurifyResult, clip_mc_loss, descent_step
+from models.robustness.attacks.base import (
+    GRAD_UPDATES,
+    Attack,
+    AttackCall,
+    AttackResult,
+    FirstSuccess,
+    ce_loss,
+    cosine_steps,
+    defended_forward,
+    project,
+    success_mask,
+    tracked,
+)
 
 DETECTOR_MARGIN = 0.9  # the MC-loss penalty switches on above this fraction of the threshold
-
-
-def defended_forward(pipeline: Pipeline, x: Tensor, defend: bool | str = True) -> Prediction:
-    """The real defended prediction (``predict``, whatever the defence does: restarts, best iterate,
-    auto mode), with each purification run's iterates kept for the replay."""
-    with torch.no_grad():
-        return pipeline.predict(x, defend=defend, keep_iterates=True)
-
-
-def success_mask(logits: Tensor, y: Tensor, mc_before: Tensor, threshold: float | None) -> Tensor:
-    """Fooled (wrong class); with a detector threshold, also not flagged (MC loss at or under it)."""
-    fooled = logits.argmax(1) != y
-    return fooled if threshold is None else fooled & (mc_before <= threshold)
-
-
-def defended_judge(pipeline: Pipeline, y: Tensor, threshold: float | None = None, defend: bool | str = True) -> Judge:
-    """A ``FirstSuccess`` judge over batch ``y`` from the real ``predict(defend=True)`` (one defended
-    prediction per open clip and check: what a transfer attack pays to keep its first success)."""
-
-    def judge(z: Tensor, open_: Tensor) -> Tensor:
-        prediction = pipeline.predict(z, defend=defend)
-        return success_mask(prediction.logits, y[open_], prediction.mc_before, threshold)
-
-    return judge
 
 
 def straight_through_tanh(tau: float) -> Callable[[Tensor], Tensor]:
@@ -121,11 +108,6 @@ def defended_objective(
     return -mean.gather(1, y[:, None])[:, 0].clamp_min(1e-12).log()
 
 
-def cosine_steps(first: float, steps: int) -> list[float]:
-    """Step sizes first * (1 + cos(pi k / steps)) / 2 for k = 0 .. steps-1 (APGD-like decay to ~0)."""
-    return [first * (1 + math.cos(math.pi * k / steps)) / 2 for k in range(steps)]
-
-
 def defended_pgd(
     pipeline: Pipeline,
     x: Tensor,
@@ -179,3 +161,31 @@ def defended_pgd(
             grad += g
         x_adv = project(x_adv + schedule[k] * grad.sign(), x, epsilon).detach()
     return tracker
+
+
+def runner(default_unroll: int):
+    """The ``run`` of the defended loop; ``unroll=`` in the spec overrides ``default_unroll``."""
+
+    def run(call: AttackCall) -> AttackResult:
+        o = call.options
+        tracker = defended_pgd(
+            call.pipeline,
+            call.x,
+            call.y,
+            call.epsilon,
+            steps=call.steps,
+            step_size=call.step_size,
+            unroll=int(o.get("unroll", default_unroll)),
+            tau=o.get("tau", 1.0),
+            eot=int(o.get("eot", 1)),
+            detector_lambda=o.get("detector"),
+            threshold=call.threshold,
+            start=bool(o["start"]) if "start" in o else None,
+            defend=call.defend,
+        )
+        return tracked(call, tracker)
+
+    return run
+
+
+THROUGH = Attack(runner(4), steps=10, defense_aware=True, detector=True)
