@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import time
 
 import httpx
@@ -201,8 +200,9 @@ def test_undecodable_job_fails_and_worker_keeps_serving(api, service_env, tmp_pa
 
 def test_cancel_queued_and_running(api, tmp_path):
     path = write_video(tmp_path / "v.mp4", count=8)
-    jobs = [submit(api, path, steps=30).json()["job_id"] for _ in range(3)]
-    # Two workers take two jobs and the third waits: cancel the running ones and the queued one.
+    jobs = [submit(api, path, steps=50).json()["job_id"] for _ in range(3)]
+    # Two workers take two jobs and the third waits: cancel the running ones and the queued one as soon
+    # as one is observed started (50 steps, the most the API takes, leave the widest margin for that).
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         states = [httpx.get(f"{api}/jobs/{j}", headers=ALICE).json()["status"] for j in jobs]
@@ -257,30 +257,3 @@ def test_admission_limits_and_redis_down(service_env, tmp_path):
         response = submit(server.url, path)
         assert response.status_code == 503 and response.json()["error"]["code"] == "no_bundle"
         assert httpx.get(f"{server.url}/models", headers=ALICE).status_code == 503
-
-
-def test_sigkill_worker_mid_job_is_recovered(api, workers, tmp_path):
-    """Kill the worker running a job: another worker finishes it (or it fails with a reason), fast."""
-    path = write_video(tmp_path / "v.mp4", count=8)
-    job_id = submit(api, path, steps=12).json()["job_id"]
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{api}/jobs/{job_id}", headers=ALICE).json()["status"] != "started":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    time.sleep(0.5)
-    victims = [w for w in workers.live() if w["name"].endswith(tuple(f"-w{i}" for i in range(len(workers.procs))))]
-    from redis import Redis
-    from rq.job import Job
-    from rq.serializers import JSONSerializer
-
-    job = Job.fetch(job_id, connection=Redis.from_url(workers.env["MOTIONGUARD_REDIS_URL"]), serializer=JSONSerializer)
-    running_on = job.meta["worker"]
-    victim = next(w for w in victims if w["name"] == running_on)
-    os.kill(victim["pid"], signal.SIGKILL)
-    killed_at = time.monotonic()
-    body = wait_done(api, job_id, timeout=120)
-    assert body["status"] == "finished" or body["error"]["code"] == "worker_died", body
-    job.refresh()
-    assert job.meta.get("worker_deaths") == 1
-    assert job.meta["worker"] != running_on or body["status"] == "failed"
-    assert time.monotonic() - killed_at < 90
