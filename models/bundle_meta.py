@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.defense_mode import resolve_policy
 from models.errors import BundleError
 
 BUNDLE_FILE = "bundle.json"
@@ -170,12 +171,9 @@ class BundleMeta(_Strict):
 
     def auto_threshold(self, override: float | None = None) -> float | None:
         """The MC loss above which ``defend=auto`` purifies: ``override`` (settings), else the
-        defence section's, else the calibration's threshold; None when the bundle has none."""
-        if override is not None:
-            return override
-        if self.defense.threshold is not None:
-            return self.defense.threshold
-        return self.calibration.threshold if self.calibration is not None else None
+        defence section's, else the calibration's threshold; None when the bundle has none
+        (``models.defense_mode.resolve_policy`` decides it)."""
+        return resolve_policy(self, threshold=override).mc_threshold
 
     def stop_below(self) -> float | None:
         """The early-stop target of the purification (``defense.stop_quantile`` of the calibration)."""

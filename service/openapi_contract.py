@@ -25,6 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from models.defense_mode import resolve_policy
 from worker.repository import Repository
 from worker.settings import Settings
 
@@ -32,11 +33,12 @@ JOB_PREFIX = "/jobs/{job_id}"
 
 
 def _accepts_auto(repository: Repository, settings: Settings) -> bool:
-    """Whether ``defend=auto`` is served: it needs an MC-loss threshold (each served bundle's or the settings')."""
+    """Whether ``defend=auto`` is served: every served bundle has a threshold to decide with (its own,
+    the settings', or its flag's: ``models.defense_mode.resolve_policy``)."""
     served = repository.served
     if repository.default is None or not served:
         return False  # no bundle: POST /classify answers 503 whatever is sent
-    return all(entry.meta.auto_threshold(settings.defense_threshold) is not None for entry in served)
+    return all(resolve_policy(entry.meta, **settings.bundle_overrides).serves_auto for entry in served)
 
 
 def _settings_bounds(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -50,3 +50,64 @@ def test_the_defense_section_and_the_config_name_the_same_purification_settings(
     spec_only = set(DefenseSpec.model_fields) - config_fields
     assert config_fields <= set(DefenseSpec.model_fields)
     assert spec_only == {"mode", "threshold", "stop_quantile", "evaluation"}  # when, not how, to purify
+
+
+def _flagged(meta: BundleMeta, auto: float | None) -> BundleMeta:
+    from models.bundle_meta import FlagCalibration, SignalCalibration
+
+    signal = SignalCalibration(sample=[0.1, 0.2], tail_start=0.2, tail_scale=0.1)
+    flag = FlagCalibration(
+        n=10, signals={"mc": signal}, thresholds={"input": 2.0, "defended": 3.0}, auto_threshold=auto
+    )
+    return meta.model_copy(update={"flag": flag})
+
+
+def test_the_policy_resolves_mode_and_threshold_in_one_order():
+    from models.defense_mode import resolve_policy
+
+    meta = _meta()
+    assert resolve_policy(meta) == resolve_policy(meta, mode=None, threshold=None)
+    policy = resolve_policy(meta)
+    assert (policy.default_mode, policy.mc_threshold, policy.decided_on) == ("always", 0.5, "mc_loss")
+    assert resolve_policy(_meta(threshold=0.4)).mc_threshold == 0.4  # the section's, over the calibration's
+    assert resolve_policy(_meta(threshold=0.4), threshold=0.3).mc_threshold == 0.3  # the deployment's, over both
+    assert resolve_policy(_meta(mode="auto")).default_mode == "auto"
+    assert resolve_policy(_meta(mode="auto"), mode="off").default_mode == "off"
+    assert meta.auto_threshold() == 0.5 and meta.auto_threshold(0.3) == 0.3  # the bundle's view is the same rule
+
+    # the flag decides auto (threshold on its own scale) unless the deployment names an MC-loss threshold
+    flagged = resolve_policy(_flagged(meta, 3.0))
+    assert (flagged.decided_on, flagged.flag_threshold, flagged.auto_threshold) == ("attack_score", 1.5, 1.5)
+    assert flagged.mc_threshold == 0.5
+    assert resolve_policy(_flagged(meta, 3.0), threshold=0.3).decided_on == "mc_loss"
+    assert resolve_policy(_flagged(meta, None)).decided_on == "mc_loss"
+
+
+def test_a_request_mode_against_the_policy():
+    import pytest
+
+    from models.defense_mode import resolve_policy
+
+    policy = resolve_policy(_meta(mode="auto"))
+    assert [policy.mode(v) for v in (None, True, "false", "auto", "on")] == ["auto", "always", "off", "auto", "always"]
+    uncalibrated = resolve_policy(_meta().model_copy(update={"calibration": None}))
+    assert not uncalibrated.serves_auto and uncalibrated.mode(None) == "always"
+    with pytest.raises(ValueError, match="no MC-loss threshold"):
+        uncalibrated.mode("auto")
+    with pytest.raises(ValueError, match="defend must be"):
+        policy.mode("sometimes")
+
+
+def test_the_api_and_the_worker_resolve_the_same_policy(tmp_path):
+    """The worker's loaded bundle carries the policy the API computes from the same bundle.json and settings."""
+    from models.bundle.load import load_bundle, make_random_bundle
+    from models.bundle_meta import read_bundle_meta
+    from models.defense_mode import resolve_policy
+    from worker.settings import Settings
+
+    bundle_dir = make_random_bundle(tmp_path / "b", frames=4, size=32)
+    settings = Settings(defense_mode="auto", defense_threshold=0.25)
+    loaded = load_bundle(bundle_dir, **settings.bundle_overrides)
+    assert loaded.policy == resolve_policy(read_bundle_meta(bundle_dir), **settings.bundle_overrides)
+    assert (loaded.policy.default_mode, loaded.policy.mc_threshold) == ("auto", 0.25)
+    assert (loaded.pipeline.default_mode, loaded.pipeline.threshold) == ("auto", 0.25)

@@ -28,6 +28,7 @@ from models.bundle_meta import (
 )
 from models.defense.pipeline import Pipeline
 from models.defense.purify import DefenseConfig
+from models.defense_mode import DefensePolicy, resolve_policy
 from models.errors import BundleError
 from models.nets.checkpoints import load_i3d_weights, load_raft_weights, read_state_dict
 from models.nets.flow import VideoRAFT, build_video_raft
@@ -51,6 +52,7 @@ class LoadedBundle:
     path: Path
     meta: BundleMeta
     pipeline: Pipeline
+    policy: DefensePolicy  # how this bundle answers defend= in this process (resolved once, at load)
 
     @property
     def labels(self) -> list[str]:
@@ -171,23 +173,24 @@ def load_bundle(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BundleError("device 'cuda' requested but CUDA is not available on this machine")
+    policy = resolve_policy(meta, mode=mode, threshold=threshold)
     pipeline = Pipeline(
         flow,
         classifier,
         defense=defense_config(meta),
         flow_norm=meta.flow_normalisation,
         updates_infer=meta.flow.updates_infer,
-        threshold=meta.auto_threshold(),
-        default_mode=meta.defense.mode,
+        threshold=policy.mc_threshold,
+        default_mode=policy.default_mode,
     ).to(device)
-    if threshold is None and meta.flag is not None and meta.flag.auto_threshold is not None:
+    if policy.decided_on == "attack_score":
         # defend=auto decides on the attack flag's score (issue 24); a deployment's explicit MC-loss
         # threshold (``threshold``) keeps the MC-loss decision.
         from models.defense.flag import FlagDecision
 
-        pipeline.decide_auto = FlagDecision(pipeline, meta.flag)
+        pipeline.decide_auto = FlagDecision(pipeline, meta.flag, threshold=policy.flag_threshold)
     log.info("loaded bundle %s v%s from %s on %s", meta.name, meta.version, bundle_dir, device)
-    return LoadedBundle(path=bundle_dir, meta=meta, pipeline=pipeline)
+    return LoadedBundle(path=bundle_dir, meta=meta, pipeline=pipeline, policy=policy)
 
 
 def create_bundle(

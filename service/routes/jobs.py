@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from models.defense_mode import parse_mode
+from models.defense_mode import parse_mode, resolve_policy
 from models.errors import VideoError
 from service import admission, metrics
 from service.deps import Owner, RedisDep, SettingsDep
@@ -65,13 +65,9 @@ def _defense_mode(defend: str | None, meta, settings: Settings) -> str | None:
     or for ``auto`` when the bundle has no threshold to decide with."""
     try:
         mode = parse_mode(defend) if defend is not None else None
+        resolve_policy(meta, **settings.bundle_overrides).mode(mode)  # the worker resolves it the same way
     except ValueError as exc:
         raise ApiError(422, "invalid_parameter", str(exc), reason="bad_parameter") from None
-    effective = mode or settings.defense_mode or meta.defense.mode
-    if effective == "auto" and meta.auto_threshold(settings.defense_threshold) is None:
-        raise ApiError(
-            422, "invalid_parameter", "defend=auto: the bundle has no MC-loss threshold", reason="bad_parameter"
-        )
     return mode
 
 

@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 
+from models.defense_mode import resolve_policy
 from service.deps import Owner, RedisDep, SettingsDep
 from service.errors import ApiError, ErrorBody, responses
 from service.schemas import DefenseDefaults, Limits, ModelInfo, ModelsInfo
@@ -85,6 +86,7 @@ def serving_workers(workers: list[dict], entry: ModelEntry) -> list[str]:
 
 def model_info(entry: ModelEntry, repo: Repository, settings: Settings, workers: list[dict]) -> ModelInfo:
     meta, d = entry.meta, entry.meta.defense
+    policy = resolve_policy(meta, **settings.bundle_overrides)
     return ModelInfo(
         name=entry.name,
         version=entry.version,
@@ -96,8 +98,8 @@ def model_info(entry: ModelEntry, repo: Repository, settings: Settings, workers:
             step_size=d.step_size,
             epsilon=d.epsilon,
             multi=d.multi,
-            mode=settings.defense_mode or d.mode,
-            threshold=meta.auto_threshold(settings.defense_threshold),
+            mode=policy.default_mode,
+            threshold=policy.mc_threshold,
         ),
         calibration=(
             {k: v for k, v in meta.calibration.model_dump().items() if k != "sample"} if meta.calibration else None

@@ -70,10 +70,3 @@ def flag_clips(bundle, clip: Tensor, prediction, decided: bool = False) -> list[
             )
         )
     return flags
-
-
-def auto_threshold_of(pipeline) -> float | None:
-    """The input score above which ``defend=auto`` purifies, on the flag's scale (1 = the flag's
-    threshold), when the pipeline decides on the flag (``Pipeline.decide_auto``); None: on the MC loss."""
-    decider = getattr(pipeline, "decide_auto", None)
-    return getattr(decider, "threshold", None) if decider is not None else None

@@ -26,7 +26,7 @@ import torch
 from models.defense.purify import DefenseConfig
 from models.defense_mode import DefendMode, parse_mode
 from models.errors import UserError
-from worker.serving.flagging import ClipFlag, auto_threshold_of, flag_clips
+from worker.serving.flagging import ClipFlag, flag_clips
 from worker.video import VideoInfo, VideoLimits, cut_clips, decode_video
 
 log = logging.getLogger(__name__)
@@ -101,28 +101,25 @@ def defense_request(
     figures: bool = False,
 ) -> DefenseRequest:
     """A job's parameters resolved against the bundle's defaults (``defend`` None: the bundle's mode,
-    ``Pipeline.default_mode``; true/false/auto otherwise). Raises ``UserError`` for ``auto`` on a
-    bundle without an MC-loss threshold."""
-    pipeline = bundle.pipeline
-    config = pipeline.defense.with_overrides(steps=steps, epsilon=epsilon, multi=multi)
+    ``bundle.policy``, resolved once at load; true/false/auto otherwise). Raises ``UserError`` for
+    ``auto`` on a bundle with no threshold to decide with."""
+    policy = bundle.policy
+    config = bundle.pipeline.defense.with_overrides(steps=steps, epsilon=epsilon, multi=multi)
     try:
-        mode = parse_mode(defend, pipeline.default_mode)
+        mode = parse_mode(defend, policy.default_mode)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if config.steps <= 0:
         mode = "off"
-    if mode == "auto" and pipeline.threshold is None and auto_threshold_of(pipeline) is None:
+    if mode == "auto" and not policy.serves_auto:
         raise UserError("defend=auto needs a calibrated bundle (no MC-loss threshold to decide with)")
-    threshold, decided_on = pipeline.threshold if mode == "auto" else None, "mc_loss"
-    flag_auto = auto_threshold_of(pipeline)
-    if mode == "auto" and flag_auto is not None:  # the bundle's flag decides (issue 24)
-        threshold, decided_on = flag_auto, "attack_score"
+    auto = mode == "auto"
     return DefenseRequest(
         mode=mode,
         config=config,
         figures=bool(figures and mode != "off"),
-        threshold=threshold,
-        decided_on=decided_on,
+        threshold=policy.auto_threshold if auto else None,
+        decided_on=policy.decided_on if auto else "mc_loss",
     )
 
 
