@@ -36,6 +36,15 @@ def wait_status(url: str, job_id: str, wanted: str, timeout: float = 60.0) -> No
         time.sleep(0.1)
 
 
+def wait_in_aof(data, *needles: str, timeout: float = 60.0) -> None:
+    """Until the embedded Redis's append-only file (``<data>/redis/appendonly.aof``) holds every needle."""
+    aof = data / "redis" / "appendonly.aof"
+    deadline = time.monotonic() + timeout
+    while not (aof.is_file() and all(needle.encode() in aof.read_bytes() for needle in needles)):
+        assert time.monotonic() < deadline, f"{needles} not in {aof} after {timeout} s"
+        time.sleep(0.1)
+
+
 def finished_with_video(url: str, job_id: str, video: bytes | None = None) -> bytes:
     body = httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()
     assert body["status"] == "finished" and body["result"], body
@@ -95,7 +104,10 @@ def test_embedded_service_keeps_jobs_across_sigterm_and_sigkill(tmp_path, random
         # SIGKILL of everything (serve, worker, redis-server) with one job running, one queued.
         running, queued = submit(serve.url, video, steps=12), submit(serve.url, video, steps=1)
         wait_status(serve.url, running, "started")
-        time.sleep(1.5)  # appendfsync everysec: what was written a second ago is on disk
+        # appendfsync everysec: Redis may hold its writes back while an fsync is under way (up to 2 s).
+        # A crash keeps what reached the file, so wait until the file holds the running job's execution
+        # (``<job id>:<execution id>``, written before its status reads started) and the queued job.
+        wait_in_aof(data, f"{running}:", queued)
         serve.crash(data)
 
         serve = start()
