@@ -55,9 +55,10 @@ BATCH_DELAY_MS = 4000  # longer than the timed-out job's scaled deadline (1 s x 
 
 @pytest.fixture(scope="module")
 def batch_stack(service_env, tmp_path_factory):
-    """One batching worker: up to 8 clips, waiting up to ``BATCH_DELAY_MS`` for them."""
+    """One batching worker: up to 5 clips, waiting up to ``BATCH_DELAY_MS`` for them. A test that queues
+    5 one-clip jobs has them gathered as soon as they are queued; one that queues fewer waits the delay."""
     stack = _stack(
-        service_env, tmp_path_factory.mktemp("batching"), max_batch_clips=8, max_batch_delay_ms=BATCH_DELAY_MS
+        service_env, tmp_path_factory.mktemp("batching"), max_batch_clips=5, max_batch_delay_ms=BATCH_DELAY_MS
     )
     try:
         yield stack
@@ -109,7 +110,7 @@ def test_canceled_and_timed_out_jobs_leave_the_batch_the_others_go_on(batch_stac
     timeout ends ``failed``/``timeout``, both before the third, which finishes.
 
     No speed assumption: the timed-out job is queued first, so the worker dequeues it first and then
-    gathers for ``BATCH_DELAY_MS`` (3 clips < 8: the full delay) before the first defence step. Its
+    gathers for ``BATCH_DELAY_MS`` (3 clips < 5: the full delay) before the first defence step. Its
     deadline, 1 s scaled by 3 clips / its 1 = 3 s after its dequeue, has passed at that first step
     whatever the CPU. The cancel is sent once all three are observed ``started`` (in the batch); the
     worker reads the flag at the next defence step, before the kept job's last one."""
