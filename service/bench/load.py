@@ -21,9 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from service.bench.client import TERMINAL, bearer, percentile, run_threads, submit
 
-TERMINAL = ("finished", "failed", "canceled")
+log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +57,6 @@ def drive(base: str, video: bytes, args: argparse.Namespace, headers: dict) -> d
     """The load itself: submissions by C clients, then polling of every accepted job to its end."""
     import httpx
 
-    from service.bench.service import _percentile
-
     lock = threading.Lock()
     remaining = [args.requests]
     latencies: list[float] = []
@@ -76,7 +74,7 @@ def drive(base: str, video: bytes, args: argparse.Namespace, headers: dict) -> d
                     remaining[0] -= 1
                 started = time.perf_counter()
                 try:
-                    response = client.post("/classify", params=params, files={"file": ("load.mp4", video, "video/mp4")})
+                    response = submit(client, video, params, "load.mp4")
                     status, text = response.status_code, response.text
                 except httpx.HTTPError as exc:
                     status, text = 0, repr(exc)
@@ -91,15 +89,6 @@ def drive(base: str, video: bytes, args: argparse.Namespace, headers: dict) -> d
                         counts["other"] += 1
                         if len(other_examples) < 3:
                             other_examples.append(f"{status}: {text[:200]}")
-
-    def run_threads(target, count: int) -> float:
-        threads = [threading.Thread(target=target, daemon=True) for _ in range(count)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return time.perf_counter() - started
 
     submit_s = run_threads(submitter, args.concurrency)
 
@@ -143,8 +132,8 @@ def drive(base: str, video: bytes, args: argparse.Namespace, headers: dict) -> d
         "submit_wall_s": round(submit_s, 3),
         "accepted_per_s": round(len(accepted) / submit_s, 2) if submit_s else None,
         "enqueue_latency_ms": {
-            "p50": round(_percentile(latencies, 0.5), 1),
-            "p99": round(_percentile(latencies, 0.99), 1),
+            "p50": round(percentile(latencies, 0.5), 1),
+            "p99": round(percentile(latencies, 0.99), 1),
             "max": round(max(latencies), 1) if latencies else None,
         },
         "terminal": len(outcome),
@@ -164,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.concurrency < 1 or args.requests < 1:
         raise UserError("--concurrency and --requests must be at least 1")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = bearer(args.api_key)
     work = Path(tempfile.mkdtemp(prefix="motionguard-load-"))
     server = None
     setup: dict = {"url": args.url or "embedded"}

@@ -19,9 +19,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from service.bench.client import closed_loop, percentile
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,12 @@ def stop_service(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    position = (len(ordered) - 1) * q
-    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def _summary(values: list[float]) -> dict[str, float]:
     return {
         "mean": round(statistics.fmean(values), 2),
-        "p50": round(_percentile(values, 0.5), 2),
-        "p90": round(_percentile(values, 0.9), 2),
-        "p99": round(_percentile(values, 0.99), 2),
+        "p50": round(percentile(values, 0.5), 2),
+        "p90": round(percentile(values, 0.9), 2),
+        "p99": round(percentile(values, 0.99), 2),
     }
 
 
@@ -139,28 +131,6 @@ def _make_video(path: Path, frames: int, height: int, width: int) -> None:
         rgb = [0.5 + 0.4 * np.sin(0.15 * x + c) * np.cos(0.1 * yy - c) for c in range(3)]
         images.append((np.clip(np.stack(rgb, -1), 0, 1) * 255).astype(np.uint8))
     encode_mp4(np.stack(images), path)
-
-
-def _run_job(client, video: bytes, params: dict, poll_s: float) -> dict:
-    start = time.perf_counter()
-    response = client.post("/classify", params=params, files={"file": ("bench.mp4", video, "video/mp4")})
-    response.raise_for_status()
-    job_id = response.json()["job_id"]
-    while True:
-        body = client.get(f"/jobs/{job_id}").json()
-        if body["status"] in ("finished", "failed", "canceled"):
-            break
-        time.sleep(poll_s)
-    end_to_end = (time.perf_counter() - start) * 1000
-    if body["status"] != "finished":
-        raise RuntimeError(f"job {job_id} ended {body['status']}: {body.get('error')}")
-    timings = body["result"]["timings_ms"]
-    return {
-        "e2e_ms": end_to_end,
-        "compute_ms": timings["total"],
-        "queue_ms": timings.get("queue", 0.0),
-        "result": body["result"],
-    }
 
 
 def prepare_bench(args: argparse.Namespace, prefix: str):
@@ -189,10 +159,6 @@ def prepare_bench(args: argparse.Namespace, prefix: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import httpx
-
-    from models.errors import UserError
-
     work, bundle_dir, meta, steps, video = prepare_bench(args, "motionguard-bench-")
 
     server, base = start_embedded_service(
@@ -201,44 +167,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = {"defend": "true", "steps": steps}
         poll_s = args.poll_ms / 1000
-        samples: list[dict] = []
-        lock = threading.Lock()
-        remaining = [args.jobs]
-        errors: list[BaseException] = []
-
-        def client_loop(warmup: bool) -> None:
-            with httpx.Client(base_url=base, timeout=600) as client:
-                if warmup:
-                    try:
-                        _run_job(client, video, params, poll_s)
-                    except BaseException as exc:  # noqa: BLE001 - reported after the run
-                        errors.append(exc)
-                    return
-                while True:
-                    with lock:
-                        if remaining[0] <= 0 or errors:
-                            return
-                        remaining[0] -= 1
-                    try:
-                        sample = _run_job(client, video, params, poll_s)
-                    except BaseException as exc:  # noqa: BLE001 - reported after the run
-                        errors.append(exc)
-                        return
-                    with lock:
-                        samples.append(sample)
-
-        for warmup in (True, False):
-            if errors:
-                break
-            threads = [threading.Thread(target=client_loop, args=(warmup,)) for _ in range(args.workers)]
-            started = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            wall = time.perf_counter() - started
-        if errors:
-            raise UserError(f"a benchmark job failed: {errors[0]}")
+        closed_loop(base, {}, video, params, args.workers, args.workers, poll_s)  # warm-up: a job per worker
+        samples, wall = closed_loop(base, {}, video, params, args.workers, args.jobs, poll_s)
     finally:
         stop_service(server)
 
@@ -261,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         "overhead_ms": _summary(overhead),
         "overhead_fraction": {
             "of_mean_latency": round(statistics.fmean(overhead) / statistics.fmean(e2e), 4),
-            "p50": round(_percentile([o / t for o, t in zip(overhead, e2e, strict=True)], 0.5), 4),
+            "p50": round(percentile([o / t for o, t in zip(overhead, e2e, strict=True)], 0.5), 4),
         },
     }
     if not args.json:

@@ -18,10 +18,9 @@ import logging
 import os
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
+from service.bench.client import bearer, closed_loop, percentile
 from service.bench.service import add_bundle_arguments
 
 log = logging.getLogger(__name__)
@@ -66,51 +65,9 @@ def _check_args(args: argparse.Namespace) -> None:
     # serve exits, which start_embedded_service reports (the service package itself imports no torch).
 
 
-def _closed_loop(base: str, headers: dict, video: bytes, params: dict, clients: int, jobs: int, poll_s: float):
-    """``jobs`` jobs by ``clients`` clients, each submitting when its last job ended: (samples, wall s)."""
-    import httpx
-
-    from service.bench.service import _run_job
-
-    lock = threading.Lock()
-    remaining = [jobs]
-    samples: list[dict] = []
-    errors: list[BaseException] = []
-
-    def client_loop() -> None:
-        with httpx.Client(base_url=base, timeout=600, headers=headers) as client:
-            while True:
-                with lock:
-                    if remaining[0] <= 0 or errors:
-                        return
-                    remaining[0] -= 1
-                started = time.perf_counter()
-                try:
-                    sample = _run_job(client, video, params, poll_s)
-                except BaseException as exc:  # noqa: BLE001 - reported after the run
-                    errors.append(exc)
-                    return
-                with lock:
-                    samples.append({**sample, "start": started, "end": time.perf_counter()})
-
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        from models.errors import UserError
-
-        raise UserError(f"a benchmark job failed: {errors[0]}")
-    return samples, time.perf_counter() - started
-
-
 def summarise(samples: list[dict], wall_s: float, batch_limit: int | None, clients: int) -> dict:
     """One setting's figures. Mean batch size = clips / batches, where a job whose clips ran in a
     batch of k clips stands for 1/k of a batch per clip (exact for one-clip jobs)."""
-    from service.bench.service import _percentile
-
     e2e = [s["e2e_ms"] for s in samples]
     clips = sum(len(s["result"]["clips"]) for s in samples)
     batches = sum(len(s["result"]["clips"]) / max(1, s["result"].get("batch", {}).get("clips", 1)) for s in samples)
@@ -128,8 +85,8 @@ def summarise(samples: list[dict], wall_s: float, batch_limit: int | None, clien
         "jobs_per_s": round(len(samples) / wall_s, 4),
         "latency_ms": {
             "mean": round(statistics.fmean(e2e), 1),
-            "p50": round(_percentile(e2e, 0.5), 1),
-            "p99": round(_percentile(e2e, 0.99), 1),
+            "p50": round(percentile(e2e, 0.5), 1),
+            "p99": round(percentile(e2e, 0.99), 1),
         },
         "mean_batch_clips": round(clips / batches, 3) if batches else None,
         "stage_ms_mean": stages,
@@ -188,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     work, bundle_dir, meta, steps, video = prepare_bench(args, "motionguard-throughput-")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = bearer(args.api_key)
     params = {"defend": "true", "steps": steps}
     poll_s = args.poll_ms / 1000
     warmup = args.warmup if args.warmup is not None else max(args.clients)
@@ -209,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
                 }
                 server, base = start_embedded_service(work, bundle_dir, 1, env)
             if warmup:
-                _closed_loop(base, headers, video, params, min(warmup, max(args.clients)), warmup, poll_s)
+                closed_loop(base, headers, video, params, min(warmup, max(args.clients)), warmup, poll_s)
             for clients in args.clients:
-                samples, wall = _closed_loop(base, headers, video, params, clients, args.jobs, poll_s)
+                samples, wall = closed_loop(base, headers, video, params, clients, args.jobs, poll_s)
                 row = summarise(samples, wall, limit, clients)
                 settings.append(row)
                 log.info(
