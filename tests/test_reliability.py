@@ -148,32 +148,65 @@ def test_backpressure_is_counted_in_metrics(service_env, tmp_path):
 
 
 def test_job_past_its_timeout_fails_with_reason_timeout(service_env, workers, tmp_path):
-    """An API whose job timeout is 1 s (same queue as the session's workers): the job ends
-    ``failed`` with code ``timeout``, and the worker serves the next job."""
+    """An API whose job timeout is 1 s sizes its jobs' RQ timeout so (read on a queue no worker
+    serves); such a job on the session's workers ends ``failed`` with code ``timeout``, and the
+    worker serves the next job.
+
+    No speed assumption: the job cannot finish before its deadline whatever the CPU, because its
+    first output file is a FIFO no one reads (opening it for writing blocks) until RQ's death
+    penalty (SIGALRM) interrupts it."""
+    import os
+
+    from redis import Redis
+
     from service.app import create_app
 
     alive = [p for p in workers.procs if p.poll() is None]
     path = write_video(tmp_path / "v.mp4", count=16)
-    short = settings_from_env(service_env, job_timeout_base_s=1, job_timeout_per_clip_step_s=0.001)
+    tag = uuid.uuid4().hex[:8]
+    short = settings_from_env(
+        service_env,
+        queue_name=f"timeout-{tag}",
+        key_prefix=f"timeout-{tag}",
+        job_timeout_base_s=1,
+        job_timeout_per_clip_step_s=0.001,
+    )
     with LiveServer(create_app(short, run_recovery=False)) as server:
-        job_id = submit(server.url, path, steps=50).json()["job_id"]
+        sized = submit(server.url, path, steps=50).json()["job_id"]
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from worker.storage import discard_upload
+
+    connection = Redis.from_url(short.redis_url)
+    job = Job.fetch(sized, connection=connection, serializer=JSONSerializer)
+    timeout = job.timeout
+    assert timeout == 1
+    job.delete()
+    discard_upload(connection, short, sized)
+
+    settings = settings_from_env(service_env)
+    job_id = uuid.uuid4().hex
+    fifo = tmp_path / "nobody-reads"
+    os.mkfifo(fifo)
+    folder = settings.blob_dir / job_id
+    folder.mkdir(parents=True)
+    for name in ("restored.mp4", "restored.mkv", "restored.npz"):
+        (folder / f".{name}.tmp").symlink_to(fifo)
+    with LiveServer(create_app(settings, run_recovery=False)) as server:
         started = time.monotonic()
+        _enqueue_direct(settings, path, job_id, job_timeout=timeout)
         body = wait_done(server.url, job_id, timeout=120)
         assert body["status"] == "failed", body
         assert body["error"]["code"] == "timeout" and "1 s timeout" in body["error"]["message"], body
         report("timeout", timeout_s=1, failed_after_s=round(time.monotonic() - started, 2))
-    normal = settings_from_env(service_env)
-    with LiveServer(create_app(normal, run_recovery=False)) as server:
-        assert (
-            wait_done(server.url, submit(server.url, write_video(tmp_path / "s.mp4", count=4)).json()["job_id"])[
-                "status"
-            ]
-            == "finished"
-        )
+        follow = wait_done(server.url, submit(server.url, write_video(tmp_path / "s.mp4", count=4)).json()["job_id"])
+        assert follow["status"] == "finished", follow
     assert all(p.poll() is None for p in alive)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-def _enqueue_direct(settings, video: Path, job_id: str, owner_key: str = "key-alice") -> str:
+def _enqueue_direct(settings, video: Path, job_id: str, owner_key: str = "key-alice", job_timeout: int = 300) -> str:
     """Enqueue a job as the API would, with its id chosen beforehand (to prepare its blob folder)."""
     from redis import Redis
 
@@ -187,7 +220,7 @@ def _enqueue_direct(settings, video: Path, job_id: str, owner_key: str = "key-al
         "worker.serving.jobs.analyse_job",
         {"defend": True, "steps": 1, "top_k": 2},
         job_id=job_id,
-        job_timeout=300,
+        job_timeout=job_timeout,
         meta={"owner": owner_of(owner_key)},
     )
     return job_id
