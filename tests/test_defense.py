@@ -54,7 +54,8 @@ def test_pipeline_predict(random_bundle):
 
     pipeline = load_bundle(random_bundle).pipeline
     clip = torch.rand(2, 4, 3, 64, 64)
-    defended = pipeline.predict(clip, defend=True, steps=2, keep_flows=True)
+    two_steps = pipeline.defense.with_overrides(steps=2)
+    defended = pipeline.predict(clip, defend=True, config=two_steps, keep_flows=True)
     assert defended.probs.shape == (2, 3)
     assert torch.allclose(defended.probs.sum(1), torch.ones(2))
     assert defended.trajectory.shape == (3, 2)
@@ -65,5 +66,5 @@ def test_pipeline_predict(random_bundle):
     assert torch.equal(plain.mc_before, plain.mc_after)
     assert torch.allclose(plain.mc_before, defended.mc_before)
     # batch members are independent: predicting one alone gives the same answer
-    single = pipeline.predict(clip[:1], defend=True, steps=2)
+    single = pipeline.predict(clip[:1], defend=True, config=two_steps)
     assert torch.allclose(single.probs, defended.probs[:1], atol=1e-5)

@@ -128,121 +128,157 @@ class Pipeline(nn.Module):
         clip: Tensor,
         defend: bool | DefendMode = True,
         *,
-        steps: int | None = None,
-        epsilon: float | None = None,
-        multi: bool | None = None,
-        keep_flows: bool = False,
-        on_step: Callable[[int, Tensor], None] | None = None,
-        leave: Callable[[], Tensor | None] | None = None,
         config: DefenseConfig | None = None,
         threshold: float | None = None,
+        keep_flows: bool = False,
         keep_iterates: bool = False,
+        on_step: Callable[[int, Tensor], None] | None = None,
+        leave: Callable[[], Tensor | None] | None = None,
     ) -> Prediction:
         """Classify a batch of clips (B, T, 3, H, W) in [0, 1], deciding per clip whether to purify.
 
-        ``defend``: ``True``/"always" purifies every clip, ``False``/"off" none, "auto" those whose
-        MC loss before the defence (inference flow) is above ``threshold`` (default: the bundle's,
-        ``self.threshold``; without an explicit ``threshold``, ``self.decide_auto`` decides when set).
-        ``config`` replaces the pipeline's defence for this call (else the
-        overrides apply to it). With ``config.restarts`` > 1 the purification runs that many times
-        from random starts and the prediction is the mean of their probabilities; the clip handed
-        back is the run with the lowest MC loss. With ``keep_best`` a purified clip whose final MC
-        loss (inference flow) is above its loss before comes back as the input (``reverted``), so
-        ``mc_after <= mc_before`` always. ``keep_iterates`` keeps each run's iterates (``runs``): the
-        through-defence attacks replay the last steps from them (``models.robustness.through``).
-        ``leave()``, asked after every defence step, may return a (B,) bool tensor: the clips marked
-        True leave the purification (a batching worker's clips whose job ended; their outputs are
-        not meaningful).
+        Three steps: ``decide`` which clips to purify (``defend``), ``_purify_restarts`` those clips
+        (``config.restarts`` runs), ``_merge`` the runs into the prediction of the input.
+        ``config`` replaces the pipeline's defence (``self.defense``) for this call: a caller that
+        changes the steps, the bound or the constraints builds it (``self.defense.with_overrides``).
+        ``threshold``: see ``decide``. ``keep_flows`` keeps the inference flows before and after;
+        ``keep_iterates`` keeps each run's iterates (``runs``): the through-defence attacks replay the
+        last steps from them (``models.robustness.attacks.through``). ``on_step(k, loss)`` is called
+        after every defence step; ``leave()``, asked after every defence step, may return a (B,) bool
+        tensor: the clips marked True leave the purification (a batching worker's clips whose job
+        ended; their outputs are not meaningful).
         """
         if clip.dim() != 5 or clip.shape[2] != 3:
             raise ValueError(f"expected clips of shape (B, T, 3, H, W), got {tuple(clip.shape)}")
         mode = parse_mode(defend)
         clip = clip.to(self.device, torch.float32)
-        config = config or self.defense.with_overrides(steps=steps, epsilon=epsilon, multi=multi)
+        config = config or self.defense
         t0 = time.perf_counter()
         flows_before, mc_before, logits = self._infer(clip, config)
         seconds = {"classify": time.perf_counter() - t0, "defense": 0.0}
-        batch = clip.shape[0]
+        purified = self.decide(mode, clip, flows_before, mc_before, logits, config, threshold)
+        batch, device = clip.shape[0], clip.device
+        prediction = Prediction(  # the input's own answer; the purified clips are merged in below
+            probs=logits.softmax(dim=1),
+            logits=logits,
+            restored=clip,
+            mc_before=mc_before,
+            mc_after=mc_before,
+            trajectory=mc_before.unsqueeze(0),
+            defended=mode != "off" and config.steps > 0,
+            flows_before=flows_before,
+            flows_after=flows_before,
+            decisions=["off" if mode == "off" else "skipped"] * batch,
+            defence_steps=torch.zeros(batch, dtype=torch.long, device=device),
+            reverted=torch.zeros(batch, dtype=torch.bool, device=device),
+            purified=purified,
+            trajectory_len=torch.ones(batch, dtype=torch.long, device=device),
+            seconds=seconds,
+        )
+        idx = purified.nonzero().squeeze(1)
+        if idx.numel():
+            runs = self._purify_restarts(clip, idx, prediction, config, keep_iterates, on_step, leave)
+            self._merge(prediction, idx, runs, config)
+        if not keep_flows:
+            prediction.flows_before = prediction.flows_after = None
+        return prediction
+
+    def decide(
+        self,
+        mode: DefendMode,
+        clip: Tensor,
+        flows: Tensor,
+        mc: Tensor,
+        logits: Tensor,
+        config: DefenseConfig,
+        threshold: float | None = None,
+    ) -> Tensor:
+        """(B,) bool: the clips to purify. "always" every clip (none when ``config.steps`` is 0), "off"
+        none, "auto" those whose MC loss before the defence (inference flow) is above ``threshold``
+        (default: ``self.threshold``; without an explicit ``threshold``, ``self.decide_auto`` decides
+        when set: the bundle's attack flag)."""
         if mode == "auto" and threshold is None and self.decide_auto is not None:
-            purified = self.decide_auto(clip, flows_before, mc_before, logits).to(clip.device)
-        elif mode == "auto":
+            return self.decide_auto(clip, flows, mc, logits).to(clip.device)
+        if mode == "auto":
             threshold = self.threshold if threshold is None else threshold
             if threshold is None:
                 raise ValueError("defend=auto needs an MC-loss threshold: calibrate the bundle or set one")
-            purified = mc_before > threshold
-        else:
-            purified = torch.full((batch,), mode == "always" and config.steps > 0, device=clip.device)
-        decisions: list[Decision] = ["off" if mode == "off" else "skipped"] * batch
-        probs = logits.softmax(dim=1)
-        restored, flows_after, mc_after = clip, flows_before, mc_before
-        steps_spent = torch.zeros(batch, dtype=torch.long, device=clip.device)
-        reverted = torch.zeros(batch, dtype=torch.bool, device=clip.device)
-        trajectory, trajectory_len = mc_before.unsqueeze(0), torch.ones(batch, dtype=torch.long, device=clip.device)
-        runs: list[PurifyResult] = []
-        idx = purified.nonzero().squeeze(1)
-        if idx.numel():
-            sub, sub_before = clip[idx], mc_before[idx]
-            outcomes = []  # per restart: (restored, flows, mc, logits)
-            step_hook = on_step
-            if leave is not None:
+            return mc > threshold
+        return torch.full((clip.shape[0],), mode == "always" and config.steps > 0, device=clip.device)
 
-                def step_hook(k: int, loss: Tensor, _idx: Tensor = idx) -> Tensor | None:
-                    if on_step is not None:
-                        on_step(k, loss)
-                    gone = leave()
-                    return None if gone is None else gone.to(_idx.device)[_idx]
+    def _purify_restarts(
+        self,
+        clip: Tensor,
+        idx: Tensor,
+        prediction: Prediction,
+        config: DefenseConfig,
+        keep_iterates: bool,
+        on_step: Callable[[int, Tensor], None] | None,
+        leave: Callable[[], Tensor | None] | None,
+    ) -> list[tuple[PurifyResult, tuple[Tensor, Tensor, Tensor, Tensor]]]:
+        """Purify the clips ``idx`` ``config.restarts`` times; per run, what ``purify`` did and the
+        inference pass of its restored clips (restored, flows, MC loss, logits). Times go to
+        ``prediction.seconds`` ("defense": the purification, "classify": the inference passes)."""
+        sub, sub_before = clip[idx], prediction.mc_before[idx]
+        sub_flows, sub_logits = prediction.flows_before[idx], prediction.logits[idx]
+        step_hook = on_step
+        if leave is not None:
 
-            for _ in range(max(1, config.restarts)):
-                t0 = time.perf_counter()
-                run = purify(
-                    sub, self.flow_model, config, on_step=step_hook, start_loss=sub_before, keep_iterates=keep_iterates
-                )
-                t1 = time.perf_counter()
-                runs.append(run)
-                outcomes.append(
-                    self._infer_moved(sub, run.restored, config, flows_before[idx], sub_before, logits[idx])
-                )
-                seconds["defense"] += t1 - t0
-                seconds["classify"] += time.perf_counter() - t1
-            restored_r, flows_r, mc_r, logits_r = (torch.stack(parts) for parts in zip(*outcomes, strict=True))
-            pick = mc_r.argmin(0)  # per clip, the restart with the lowest final MC loss
-            take = torch.arange(idx.numel(), device=clip.device)
-            sub_mc = mc_r[pick, take]
-            sub_probs = logits_r.softmax(dim=2).mean(0)
-            sub_logits = logits_r[0] if len(runs) == 1 else sub_probs.log()
-            back = sub_mc > sub_before if config.keep_best else torch.zeros_like(sub_mc, dtype=torch.bool)
-            keep = idx[~back]
-            restored, flows_after, mc_after = clip.clone(), flows_before.clone(), mc_before.clone()
-            restored[keep] = restored_r[pick, take][~back]
-            flows_after[keep] = flows_r[pick, take][~back]
-            mc_after[keep] = sub_mc[~back]
-            probs[keep], logits[keep] = sub_probs[~back], sub_logits[~back]
-            reverted[idx] = back
-            trajectory = mc_before.unsqueeze(0).repeat(config.steps + 1, 1)
-            trajectory[:, idx] = torch.stack([r.trajectory for r in runs])[pick, :, take].T
-            runs_taken = torch.stack([r.steps_taken for r in runs])
-            steps_spent[idx] = runs_taken.sum(0)
-            runs_stopped = torch.stack([r.stopped for r in runs])
-            taken, stopped = runs_taken[pick, take], runs_stopped[pick, take]
-            trajectory_len[idx] = torch.where(stopped, taken.clamp(min=1), taken + 1)
-            all_stopped = runs_stopped.all(0)
-            for j, i in enumerate(idx.tolist()):
-                decisions[i] = "stopped_early" if bool(all_stopped[j]) else "purified"
-        return Prediction(
-            probs=probs,
-            logits=logits,
-            restored=restored,
-            mc_before=mc_before,
-            mc_after=mc_after,
-            trajectory=trajectory,
-            defended=mode != "off" and config.steps > 0,
-            flows_before=flows_before if keep_flows else None,
-            flows_after=flows_after if keep_flows else None,
-            decisions=decisions,
-            defence_steps=steps_spent,
-            reverted=reverted,
-            purified=purified,
-            runs=runs,
-            trajectory_len=trajectory_len,
-            seconds=seconds,
-        )
+            def step_hook(k: int, loss: Tensor, _idx: Tensor = idx) -> Tensor | None:
+                if on_step is not None:
+                    on_step(k, loss)
+                gone = leave()
+                return None if gone is None else gone.to(_idx.device)[_idx]
+
+        runs = []
+        for _ in range(max(1, config.restarts)):
+            t0 = time.perf_counter()
+            run = purify(
+                sub, self.flow_model, config, on_step=step_hook, start_loss=sub_before, keep_iterates=keep_iterates
+            )
+            t1 = time.perf_counter()
+            runs.append((run, self._infer_moved(sub, run.restored, config, sub_flows, sub_before, sub_logits)))
+            prediction.seconds["defense"] += t1 - t0
+            prediction.seconds["classify"] += time.perf_counter() - t1
+        return runs
+
+    @staticmethod
+    def _merge(
+        prediction: Prediction,
+        idx: Tensor,
+        runs: list[tuple[PurifyResult, tuple[Tensor, Tensor, Tensor, Tensor]]],
+        config: DefenseConfig,
+    ) -> None:
+        """Fold the runs into the prediction of the clips ``idx``: per clip the restored clip, flow and
+        MC loss of the run with the lowest final MC loss, the mean of the runs' probabilities, and
+        with ``keep_best`` the input back (``reverted``) where that MC loss is above the input's, so
+        ``mc_after <= mc_before`` always."""
+        results = [run for run, _ in runs]
+        restored_r, flows_r, mc_r, logits_r = (torch.stack(parts) for parts in zip(*(o for _, o in runs), strict=True))
+        clip, flows_before, mc_before = prediction.restored, prediction.flows_before, prediction.mc_before
+        pick = mc_r.argmin(0)  # per clip, the restart with the lowest final MC loss
+        take = torch.arange(idx.numel(), device=clip.device)
+        sub_before = mc_before[idx]
+        sub_mc = mc_r[pick, take]
+        sub_probs = logits_r.softmax(dim=2).mean(0)
+        sub_logits = logits_r[0] if len(results) == 1 else sub_probs.log()
+        back = sub_mc > sub_before if config.keep_best else torch.zeros_like(sub_mc, dtype=torch.bool)
+        keep = idx[~back]
+        restored, flows_after, mc_after = clip.clone(), flows_before.clone(), mc_before.clone()
+        restored[keep] = restored_r[pick, take][~back]
+        flows_after[keep] = flows_r[pick, take][~back]
+        mc_after[keep] = sub_mc[~back]
+        prediction.probs[keep], prediction.logits[keep] = sub_probs[~back], sub_logits[~back]
+        prediction.reverted[idx] = back
+        trajectory = mc_before.unsqueeze(0).repeat(config.steps + 1, 1)
+        trajectory[:, idx] = torch.stack([r.trajectory for r in results])[pick, :, take].T
+        runs_taken = torch.stack([r.steps_taken for r in results])
+        prediction.defence_steps[idx] = runs_taken.sum(0)
+        runs_stopped = torch.stack([r.stopped for r in results])
+        taken, stopped = runs_taken[pick, take], runs_stopped[pick, take]
+        prediction.trajectory_len[idx] = torch.where(stopped, taken.clamp(min=1), taken + 1)
+        all_stopped = runs_stopped.all(0)
+        for j, i in enumerate(idx.tolist()):
+            prediction.decisions[i] = "stopped_early" if bool(all_stopped[j]) else "purified"
+        prediction.restored, prediction.flows_after, prediction.mc_after = restored, flows_after, mc_after
+        prediction.trajectory, prediction.runs = trajectory, results

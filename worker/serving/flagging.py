@@ -28,6 +28,8 @@ class ClipFlag:
 
 
 def legacy_threshold(meta) -> float | None:
+    """The calibration's MC-loss threshold: the suspected-attack flag of a bundle without a ``flag``
+    section, and the line drawn in a clip's pictures."""
     return meta.calibration.threshold if meta.calibration is not None else None
 
 

@@ -26,7 +26,7 @@ import torch
 from models.defense.purify import DefenseConfig
 from models.defense_mode import DefendMode, parse_mode
 from models.errors import UserError
-from worker.serving.flagging import ClipFlag, flag_clips
+from worker.serving.flagging import ClipFlag, flag_clips, legacy_threshold
 from worker.video import VideoInfo, VideoLimits, cut_clips, decode_video
 
 log = logging.getLogger(__name__)
@@ -166,15 +166,14 @@ def compute_clips(
     in its pictures (its index within its own job).
     """
     pipeline, config = bundle.pipeline, request.config
-    threshold = bundle.meta.calibration.threshold if bundle.meta.calibration is not None else None
+    threshold = legacy_threshold(bundle.meta)
     timings = BatchTimings(clips=int(clips.shape[0]))
     x = torch.from_numpy(np.ascontiguousarray(clips)).to(pipeline.device)
-    on_flag = request.decided_on == "attack_score"  # Pipeline.decide_auto decides (threshold None)
-    pred = pipeline.predict(
+    on_flag = request.decided_on == "attack_score"  # Pipeline.decide_auto decides
+    pred = pipeline.predict(  # auto: the pipeline holds the bundle's policy (load_bundle), as the request does
         x,
         defend=request.mode,
         config=config,
-        threshold=None if on_flag else request.threshold,
         keep_flows=True,  # the flag reads the inference flows
         on_step=(lambda k, loss: check()) if check else None,
         leave=(lambda: torch.tensor(list(gone()), dtype=torch.bool)) if gone else None,
@@ -260,7 +259,7 @@ def assemble_result(
     the caller that encodes) and the restored frames, (K*T, 3, H, W) float32, clip after clip.
     ``started`` is the ``time.perf_counter()`` at which this job's analysis began."""
     meta, spec = bundle.meta, bundle.meta.input
-    threshold = meta.calibration.threshold if meta.calibration is not None else None
+    threshold = legacy_threshold(meta)
     outputs = [o for o in compute.outputs if o is not None]
     if len(outputs) != len(video.spans):
         raise RuntimeError(f"{len(video.spans) - len(outputs)} clip(s) of the job were not computed")
