@@ -14,6 +14,7 @@ quoted in docs/reliability.md.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -155,8 +156,6 @@ def test_job_past_its_timeout_fails_with_reason_timeout(service_env, workers, tm
     No speed assumption: the job cannot finish before its deadline whatever the CPU, because its
     first output file is a FIFO no one reads (opening it for writing blocks) until RQ's death
     penalty (SIGALRM) interrupts it."""
-    import os
-
     from redis import Redis
 
     from service.app import create_app
@@ -187,12 +186,8 @@ def test_job_past_its_timeout_fails_with_reason_timeout(service_env, workers, tm
 
     settings = settings_from_env(service_env)
     job_id = uuid.uuid4().hex
-    fifo = tmp_path / "nobody-reads"
-    os.mkfifo(fifo)
     folder = settings.blob_dir / job_id
-    folder.mkdir(parents=True)
-    for name in ("restored.mp4", "restored.mkv", "restored.npz"):
-        (folder / f".{name}.tmp").symlink_to(fifo)
+    _stall_outputs(folder, tmp_path / "nobody-reads")
     with LiveServer(create_app(settings, run_recovery=False)) as server:
         started = time.monotonic()
         _enqueue_direct(settings, path, job_id, job_timeout=timeout)
@@ -224,6 +219,16 @@ def _enqueue_direct(settings, video: Path, job_id: str, owner_key: str = "key-al
         meta={"owner": owner_of(owner_key)},
     )
     return job_id
+
+
+def _stall_outputs(folder: Path, fifo: Path) -> None:
+    """The job's output files lead to a FIFO no one reads: storing them blocks (in ``open``) until the
+    job's timeout, a signal, or a reader. A job stalled so cannot end before the test acts."""
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    folder.mkdir(parents=True)
+    for name in ("restored.mp4", "restored.mkv", "restored.npz"):
+        (folder / f".{name}.tmp").symlink_to(fifo)
 
 
 def _obstruct(kind: str, folder: Path) -> None:
@@ -307,14 +312,20 @@ def _running_on(stack: Stack, url: str, job_id: str) -> tuple[str, subprocess.Po
 @pytest.mark.parametrize("fault_stack", BATCHING[:1], indirect=True)
 def test_worker_sigkill_mid_job_is_retried_within_bound(fault_stack, tmp_path):
     """A worker SIGKILLed while its job runs: the job is requeued within the bound and finishes on the
-    other worker. The kill follows the observation that the job is started, with no sleep. The
-    workers' registry (``WorkerPool.live``) names the process that runs the job."""
+    other worker. No speed assumption: the job's outputs lead to a FIFO no one reads, so its first run
+    cannot end before the kill, which follows the observation that it started; the folder is removed
+    at once, so the retry (a heartbeat TTL later at the earliest) stores as usual. The workers'
+    registry (``WorkerPool.live``) names the process that runs the job."""
     url = fault_stack.url
-    job_id = submit(url, write_video(tmp_path / "v.mp4", count=4), steps=4).json()["job_id"]
+    job_id = uuid.uuid4().hex
+    folder = fault_stack.settings.blob_dir / job_id
+    _stall_outputs(folder, tmp_path / "nobody-reads")  # the first run cannot end before the kill
+    _enqueue_direct(fault_stack.settings, write_video(tmp_path / "v.mp4", count=4), job_id)
     victim_name, victim = _running_on(fault_stack, url, job_id)
     assert {w["name"]: w["pid"] for w in fault_stack.pool.live()}[victim_name] == victim.pid
     victim.send_signal(signal.SIGKILL)
     killed = time.monotonic()
+    shutil.rmtree(folder)  # the retry stores its outputs as usual
 
     def retried():
         job = fault_stack.job(job_id)
