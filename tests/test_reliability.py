@@ -342,18 +342,55 @@ def test_worker_sigkill_mid_job_is_retried_within_bound(fault_stack, tmp_path):
     assert retry_s < RETRY_BOUND_S
 
 
+class _Drain:
+    """Reads a FIFO, again and again, until stopped: the reader a stalled job's outputs wait for."""
+
+    def __init__(self, fifo: Path):
+        import threading
+
+        self.fifo, self.stopping = fifo, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            with open(self.fifo, "rb") as pipe:
+                pipe.read()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        while self.thread.is_alive():  # a writer's open wakes the reader blocked in its open
+            try:
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader at this instant (ENXIO): it is between two opens
+                pass
+            self.thread.join(0.05)
+
+
 @pytest.mark.parametrize("fault_stack", BATCHING, indirect=True)
 def test_worker_sigterm_mid_job_finishes_it_and_exits_0(fault_stack, tmp_path):
     """Warm shutdown: the running job finishes on the worker that got SIGTERM, which then exits 0.
-    SIGTERM follows the observation that the job is started, with no sleep."""
+
+    No speed assumption: the job's outputs lead to a FIFO that is read only after SIGTERM (sent once
+    the job is observed started), so the job is still running when the signal arrives whatever the
+    CPU, and it can finish only afterwards."""
     url = fault_stack.url
-    job_id = submit(url, write_video(tmp_path / "v.mp4", count=4), steps=4).json()["job_id"]
+    job_id = uuid.uuid4().hex
+    folder = fault_stack.settings.blob_dir / job_id
+    fifo = tmp_path / "read-after-sigterm"
+    _stall_outputs(folder, fifo)
+    _enqueue_direct(fault_stack.settings, write_video(tmp_path / "v.mp4", count=4), job_id)
     name, proc = _running_on(fault_stack, url, job_id)
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    assert proc.wait(timeout=120) == 0
+    drain = _Drain(fifo)
+    try:
+        assert proc.wait(timeout=120) == 0
+    finally:
+        drain.stop()
     exit_s = time.monotonic() - signalled
+    shutil.rmtree(folder)
     body = status(url, job_id)
     assert body["status"] == "finished", body
     job = fault_stack.job(job_id)
