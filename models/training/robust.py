@@ -450,7 +450,7 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
     optimizers = _optimizers(models, cfg)
     state = _fresh_state()
     if resume and state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
         models.flow.raft.load_state_dict(saved["flow"])
         models.classifier.load_state_dict(saved["classifier"])
         models.pipeline.to(device)
