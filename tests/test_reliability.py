@@ -343,28 +343,33 @@ def test_worker_sigkill_mid_job_is_retried_within_bound(fault_stack, tmp_path):
 
 
 class _Drain:
-    """Reads a FIFO, again and again, until stopped: the reader a stalled job's outputs wait for."""
+    """Reads a FIFO until stopped: the reader a stalled job's outputs wait for.
+
+    The read end stays open the whole time, and the drain holds a write end of its own, so the
+    reader never sees end-of-file between two of the job's files. (A reader that reopened the FIFO
+    after each file let the job's next writer open while the old read end was still there, then
+    close under it: the job's write failed with EPIPE and the job with ``storage_error``.)"""
 
     def __init__(self, fifo: Path):
         import threading
 
-        self.fifo, self.stopping = fifo, threading.Event()
+        self.read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader: writers' opens now return
+        self.keep_fd = os.open(fifo, os.O_WRONLY)  # a writer: the reader never sees end-of-file
+        os.set_blocking(self.read_fd, True)
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.stopping.is_set():
-            with open(self.fifo, "rb") as pipe:
-                pipe.read()
+            os.read(self.read_fd, 1 << 16)
 
     def stop(self) -> None:
         self.stopping.set()
-        while self.thread.is_alive():  # a writer's open wakes the reader blocked in its open
-            try:
-                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # no reader at this instant (ENXIO): it is between two opens
-                pass
-            self.thread.join(0.05)
+        os.write(self.keep_fd, b"x")  # wakes the reader blocked in read
+        self.thread.join()
+        os.close(self.keep_fd)
+        os.close(self.read_fd)
 
 
 @pytest.mark.parametrize("fault_stack", BATCHING, indirect=True)

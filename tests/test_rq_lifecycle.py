@@ -107,3 +107,34 @@ def test_the_model_worker_is_a_batch_host(rq_setup):
     missing = [name for name in ("finalize_success", "finalize_failure", "track", "untrack", "accepts")
                if not callable(getattr(worker, name, None))]  # fmt: skip
     assert missing == []
+
+
+def test_job_timeout_swallowed_once_fires_again(tmp_path):
+    """The worker's death penalty (``RepeatingDeathPenalty``): a job whose first timeout a library
+    swallows (as PyAV's log callback does) and which then blocks in a write no one reads still ends
+    with ``JobTimeoutException``, and the timer and handler are reset afterwards. Deterministic: both
+    opens of the FIFO block until a signal, since nothing ever reads it."""
+    import os
+    import signal
+
+    from rq.timeouts import JobTimeoutException
+
+    from worker.serving.model_worker import RepeatingDeathPenalty
+
+    class Quick(RepeatingDeathPenalty):
+        refire_s = 0.2
+
+    fifo = tmp_path / "nobody-reads"
+    os.mkfifo(fifo)
+    swallowed = []
+    assert ModelWorker.death_penalty_class is RepeatingDeathPenalty
+    with pytest.raises(JobTimeoutException):
+        with Quick(1, JobTimeoutException):
+            try:
+                open(fifo, "wb")
+            except JobTimeoutException:
+                swallowed.append(True)  # what a library's ``except Exception`` does with it
+            open(fifo, "wb")
+    assert swallowed == [True]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL

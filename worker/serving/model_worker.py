@@ -15,6 +15,7 @@ together with further queued jobs; the heartbeat thread then beats every job of 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
+from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from worker.queueing import JOB_FUNCTION
@@ -36,6 +38,37 @@ log = logging.getLogger(__name__)
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
+class RepeatingDeathPenalty(UnixSignalDeathPenalty):
+    """RQ's SIGALRM job timeout, fired again every ``refire_s`` until the job's context ends.
+
+    RQ's fires once. Its exception is raised wherever the job's main thread is when the signal
+    arrives, and a library may swallow it there: PyAV runs Python in its log callback under an
+    ``except Exception``, so a timeout landing in a decode or an encode is printed and lost. The job
+    then runs on with no deadline at all, and one blocked in a write (a hung volume) stays
+    ``started`` for ever, its heartbeat alive. Fired again, the timeout reaches the job at its next
+    stop; a job whose first timeout did propagate has left the context (which cancels the timer)
+    long before the second."""
+
+    refire_s = 5.0
+
+    def setup_death_penalty(self) -> None:
+        if self._timeout is None or self._timeout <= 0:  # RQ's "no timeout"
+            return
+        self._fired = 0
+        signal.signal(signal.SIGALRM, self.handle_death_penalty)
+        signal.setitimer(signal.ITIMER_REAL, self._timeout, self.refire_s)
+
+    def handle_death_penalty(self, signum, frame) -> None:
+        self._fired += 1
+        if self._fired > 1:
+            log.warning("job timeout fired again (%d): the first was swallowed on its way out", self._fired)
+        super().handle_death_penalty(signum, frame)
+
+    def cancel_death_penalty(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
 class ModelWorker(SimpleWorker):
     """Rides out a Redis outage instead of quitting: RQ's loop survives a lost connection only while
     it waits for a job; here a job that could not be recorded, and the loop's own bookkeeping,
@@ -45,6 +78,7 @@ class ModelWorker(SimpleWorker):
 
     settings: Settings  # set by worker.cli.worker before work() starts
     bundle_info: dict = {}
+    death_penalty_class = RepeatingDeathPenalty
     max_connection_wait_time = 4.0  # RQ's reconnect backoff while idle (its default grows to 60 s)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
