@@ -320,6 +320,34 @@ def read_flag(
     return FlagReading(signals, score, score > 1.0)
 
 
+def read_flag_of(
+    pipeline,
+    clip: Tensor,
+    plain,
+    flag: FlagCalibration | None,
+    *,
+    defended=None,
+    legacy_threshold: float | None = None,
+    generator: torch.Generator | None = None,
+) -> FlagReading:
+    """``read_flag`` after an undefended prediction ``plain`` (``predict(defend=False,
+    keep_flows=True)``) and, where the purification ran, the ``defended`` one: what calibration,
+    the evaluation and the flag-aware attacks read (the worker reuses one prediction instead:
+    ``worker.serving.flagging``)."""
+    return read_flag(
+        pipeline,
+        clip,
+        probs_before=plain.probs,
+        flows_before=plain.flows_before,
+        mc_before=plain.mc_before,
+        flag=flag,
+        legacy_threshold=legacy_threshold,
+        probs_after=None if defended is None else defended.probs,
+        purified=None if defended is None else defended.purified,
+        generator=generator,
+    )
+
+
 class FlagDecision:
     """``defend=auto`` on the flag: purify the clips whose input score (1 = the flag's threshold) is over
     ``threshold`` (the bundle's ``auto_threshold`` on that scale). ``Pipeline`` calls it in place of the

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from models.bundle_meta import FlagCalibration, read_bundle_meta, write_bundle_meta
-from models.defense.flag import DEFAULT_NOISE, FlagReading, calibrate_flag, read_flag
+from models.defense.flag import DEFAULT_NOISE, FlagReading, calibrate_flag, read_flag_of
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,11 @@ def read_batch(
 ) -> tuple[FlagReading, Tensor]:
     """The flag of a batch of clips as the service reads it, and the final (defended) probabilities."""
     plain = pipeline.predict(clip, defend=False, keep_flows=True)
-    probs_after, purified = plain.probs, None
-    if defend not in (False, "off"):
-        defended = pipeline.predict(clip, defend=defend)
-        probs_after, purified = defended.probs, defended.purified
-    reading = read_flag(
-        pipeline,
-        clip,
-        probs_before=plain.probs,
-        flows_before=plain.flows_before,
-        mc_before=plain.mc_before,
-        flag=flag,
-        legacy_threshold=legacy_threshold,
-        probs_after=probs_after,
-        purified=purified,
-        generator=generator,
+    defended = pipeline.predict(clip, defend=defend) if defend not in (False, "off") else None
+    reading = read_flag_of(
+        pipeline, clip, plain, flag, defended=defended, legacy_threshold=legacy_threshold, generator=generator
     )
+    probs_after = plain.probs if defended is None else defended.probs
     return reading, probs_after
 
 

@@ -30,8 +30,9 @@ from models.bundle_meta import FlagCalibration
 from models.defense.flag import (
     DEFENDED_SIGNALS,
     SIGNALS,
+    FlagReading,
     combine,
-    read_flag,
+    read_flag_of,
     surprises,
     surrogate_signals,
     total_variation,
@@ -65,23 +66,15 @@ def orthogonal_part(g: Tensor, h: Tensor) -> Tensor:
 
 def judge_flag(
     pipeline: Pipeline, x: Tensor, y: Tensor, flag: FlagCalibration, defend: bool | str = True
-) -> tuple[Tensor, Tensor, object, object]:
-    """(success (B,), flagged (B,), defended prediction, plain prediction) of the real service path."""
+) -> tuple[Tensor, FlagReading, object, object]:
+    """(success (B,), the flag's reading (``flagged``, ``score``), defended prediction, plain prediction)
+    of the real service path."""
     with torch.no_grad():
         plain = pipeline.predict(x, defend=False, keep_flows=True)
         forward = defended_forward(pipeline, x, defend) if defend not in (False, "off") else plain
-        reading = read_flag(
-            pipeline,
-            x,
-            probs_before=plain.probs,
-            flows_before=plain.flows_before,
-            mc_before=plain.mc_before,
-            flag=flag,
-            probs_after=forward.probs,
-            purified=forward.purified if forward is not plain else None,
-        )
+        reading = read_flag_of(pipeline, x, plain, flag, defended=forward if forward is not plain else None)
     wrong = forward.probs.argmax(1) != y
-    return wrong & ~reading.flagged, reading.flagged, forward, plain
+    return wrong & ~reading.flagged, reading, forward, plain
 
 
 def surrogate_score(
@@ -128,7 +121,8 @@ def flag_aware_pgd(
     tracker = FirstSuccess(x_adv)
     schedule = cosine_steps(5 * epsilon / steps if step_size is None else step_size, steps)
     for k in range(steps + 1):
-        success, flagged, forward, plain = judge_flag(pipeline, x_adv, y, flag, defend)
+        success, reading, forward, plain = judge_flag(pipeline, x_adv, y, flag, defend)
+        flagged = reading.flagged
         tracker.offer(k, x_adv, success)
         if k == steps or tracker.done:
             break
