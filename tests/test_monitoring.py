@@ -600,6 +600,26 @@ class _Prometheus:
             time.sleep(0.5)
         raise AssertionError(f"{expr}: condition not met in {timeout} s; last result {last}")
 
+    def wait_evaluated_after(self, moment: float, timeout: float = 30.0) -> None:
+        """Until every rule group has been evaluated on data after ``moment`` (epoch seconds): what a
+        check of the recorded series at a steady state waits for, instead of a sleep."""
+        import time
+        from datetime import datetime
+
+        import httpx
+
+        def stamp(text: str) -> float:  # RFC 3339 with nanoseconds; datetime takes microseconds
+            head, _, frac = text.rstrip("Z").partition(".")
+            return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp()
+
+        deadline, groups = time.monotonic() + timeout, []
+        while time.monotonic() < deadline:
+            groups = httpx.get(f"{self.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
+            if groups and all(stamp(g["lastEvaluation"]) > moment for g in groups):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"rule groups not evaluated after {moment}: {[g.get('lastEvaluation') for g in groups]}")
+
     def stop(self):
         self.proc.terminate()
         try:
@@ -650,7 +670,8 @@ def _service_missing() -> bool:
 @pytest.mark.integration
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus server absent (Debian package 'prometheus')")
 @pytest.mark.skipif(
-    _service_missing(), reason="the service (service.serve, service.app, worker.cli.worker) is not built yet",
+    _service_missing(),
+    reason="the service (service.serve, service.app, worker.cli.worker) is not built yet",
 )
 def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
     """Clean clips keep the drift alert expression empty; a burst of attacked clips makes it fire."""
@@ -741,7 +762,7 @@ def test_prometheus_sees_drift_cross_its_threshold_after_attacks(tmp_path):
         )
         assert full[0]["metric"]["model"] == "random-test" and full[0]["metric"]["version"] == "0"
         prometheus.wait_for("motionguard:mc_loss_drift:max", lambda r: bool(r))
-        time.sleep(2)  # a few more evaluations on the full clean window
+        prometheus.wait_evaluated_after(time.time() + 1)  # the recording rules have evaluated the full window
         clean_drift = float(prometheus.query("motionguard:mc_loss_drift:max")[0]["value"][1])
         assert prometheus.query(_alert_expr("MotionguardMCLossDrift")) == []
         assert prometheus.query(_alert_expr("MotionguardSuspectedAttackRate")) == []
