@@ -38,6 +38,14 @@ def random_bundle(tmp_path_factory) -> Path:
     return make_random_bundle(tmp_path_factory.mktemp("bundle") / "random")
 
 
+@pytest.fixture(scope="session")
+def other_random_bundle(tmp_path_factory) -> Path:
+    """A second tiny random bundle (other weights, same labels and input): a transfer attack's source."""
+    from models.bundle.load import make_random_bundle
+
+    return make_random_bundle(tmp_path_factory.mktemp("bundle") / "other", seed=1)
+
+
 def smooth_frames(count: int, height: int, width: int, shift: tuple[int, int] = (2, 1), seed: int = 0):
     """(count, height, width, 3) uint8: a smooth random texture translated by ``shift`` px per frame.
 

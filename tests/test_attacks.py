@@ -9,8 +9,9 @@ import torch
 from models.bundle.load import load_bundle
 from models.robustness.attacks import base as attacks
 from models.robustness.attacks.base import defended_forward
+from models.robustness.attacks.square import margin, prediction_query, square_attack, square_fraction, square_side
 from models.robustness.attacks.through import defended_objective, defended_pgd, replay
-from models.robustness.spec import AttackSpec, parse_attack, run_attack
+from models.robustness.spec import ATTACKS, AttackSpec, parse_attack, run_attack
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +130,70 @@ def test_parse_attack():
     for bad in ["", "fgsm:8", "pgd:x", "pgd:0", "pgd:8:steps=abc", "pgd:8:detector=1", "pgd:8:foo=1", "bpda:8:eot=0"]:
         with pytest.raises(ValueError):
             parse_attack(bad)
+
+
+def test_transfer_is_pgd_crafted_on_the_source_bundle(setup, other_random_bundle):
+    """With the evaluated model as its own source it is the PGD row exactly; another source gives other clips."""
+    pipeline, x, y = setup
+    spec = parse_attack("transfer:8:steps=2:check=0")
+    default = parse_attack("transfer:8")
+    assert spec.needs_source and default.name == "transfer:8" and default.steps == 20
+    assert ATTACKS["transfer"].check == ATTACKS["pgd"].check == 10
+    with pytest.raises(ValueError, match="--source-bundle"):
+        run_attack(spec, pipeline, x, y)
+    torch.manual_seed(0)
+    own = run_attack(spec, pipeline, x, y, source=pipeline).x
+    torch.manual_seed(0)
+    assert torch.equal(own, run_attack(parse_attack("pgd:8:steps=2:check=0"), pipeline, x, y).x)
+    torch.manual_seed(0)
+    other = run_attack(spec, pipeline, x, y, source=load_bundle(other_random_bundle).pipeline).x
+    assert not torch.equal(other, own) and (other - x).abs().max().item() <= 8 / 255 + 1e-6
+
+
+def test_square_stays_in_budget_keeps_only_lower_losses_and_lowers_the_margin(setup):
+    """Every query's current loss is the lower of the previous one and the proposal's (the spy records
+    what the real prediction said), the kept clips are what that loss was measured on, and the clean
+    margin goes down."""
+    pipeline, x, y = setup
+    real = prediction_query(pipeline, y, defend=False)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def spy(z, open_):
+        loss, success = real(z, open_)
+        seen.append((open_.clone(), loss.clone()))
+        return loss, success
+
+    run = square_attack(spy, x, 8 / 255, queries=12, generator=torch.Generator().manual_seed(0))
+    kept = run.tracker.kept
+    assert (kept - x).abs().max().item() <= 8 / 255 + 1e-6 and kept.min() >= 0 and kept.max() <= 1
+    assert run.losses.shape == (13, 3) and torch.equal(run.losses[0], seen[0][1])
+    for k, (open_, loss) in enumerate(seen[1:], start=1):
+        before, after = run.losses[k - 1][open_], run.losses[k][open_]
+        assert torch.equal(after, torch.minimum(before, loss)), k
+    with torch.no_grad():
+        final = margin(pipeline.predict(kept, defend=False).logits, y)
+    assert torch.allclose(final, run.losses[-1], atol=1e-4)
+    assert int((final < run.losses[0] - 1e-6).sum()) >= 2
+    # a clip already wrong at the start is a success at query 0 and is never queried again
+    wrong = (y[:1] + 1) % 3
+    first = square_attack(prediction_query(pipeline, wrong, defend=False), x[:1], 8 / 255, queries=5)
+    assert first.tracker.at.tolist() == [0] and torch.equal(first.tracker.kept, x[:1])
+
+
+def test_square_spec_is_seeded_and_follows_the_papers_schedule(setup):
+    pipeline, x, y = setup
+    spec = parse_attack("square:8:queries=3")
+    assert spec.steps == 3 and spec.defense_aware and spec.judges_every_iterate and spec.name == "square:8:queries=3"
+    assert parse_attack("square:8").steps == 100 and parse_attack("square-flag:8").flag_aware
+    for bad in ["square:8:steps=3", "pgd:8:queries=3", "pgd:8:p=0.1", "square:8:p=0", "square:8:queries=0"]:
+        with pytest.raises(ValueError):
+            parse_attack(bad)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(7)  # what the evaluation does per (seed, row, clip)
+        results.append(run_attack(spec, pipeline, x[:1], y[:1], defend=True))
+    assert torch.equal(results[0].x, results[1].x) and torch.equal(results[0].fooled_at, results[1].fooled_at)
+    assert [square_fraction(0.05, q, 100) for q in (0, 1, 2, 3, 6, 11, 21, 41, 61, 81)] == [
+        0.05 / d for d in (1, 4, 4, 8, 16, 32, 64, 128, 256, 512)
+    ]
+    assert square_side(0.05, 64, 64) == 14 and square_side(0.05 / 512, 64, 64) == 1

@@ -179,3 +179,41 @@ def test_unknown_attack_is_rejected(capsys):
         parse_attack("cw:8")
     assert main(["eval", "--attacks", "cw:8"]) == 2
     assert "unknown attack" in capsys.readouterr().err
+
+
+def test_transfer_without_a_source_bundle_is_refused_before_anything_loads(tmp_path, capsys):
+    """The check comes first: the (missing) bundle is never read, so a long run cannot fail an hour in."""
+    missing = tmp_path / "no-such-bundle"
+    assert (
+        main(["eval", "--bundle", str(missing), "--attacks", "pgd:8,transfer:8", "--json", str(tmp_path / "e.json")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "transfer:8" in err and "--source-bundle" in err and "no-such-bundle" not in err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_transfer_row_runs_end_to_end_and_records_its_source(
+    random_bundle, other_random_bundle, video_folder, tmp_path, capsys
+):
+    from models.bundle_meta import read_bundle_meta
+
+    out = tmp_path / "transfer.json"
+    command = [
+        "eval", "--bundle", str(random_bundle), "--source-bundle", str(other_random_bundle), "--videos",
+        str(video_folder), "--n", "1", "--clean-n", "0", "--random-n", "0", "--attacks", "transfer:8:steps=2:check=1",
+        "--json", str(out),
+    ]  # fmt: skip
+    assert main(command) == 0
+    report = json.loads(out.read_text())
+    source = read_bundle_meta(other_random_bundle)
+    expected = {"name": source.name, "version": source.version, "sha256": source.sha256}
+    assert report["source_bundle"] == expected and report["signature"]["source_bundle"] == source.sha256
+    assert source.sha256 != read_bundle_meta(random_bundle).sha256
+    assert [r["name"] for r in report["rows"]] == ["transfer:8:check=1:steps=2"] and report["rows"][0]["n"] == 1
+    assert "Transfer rows crafted on random-test v0" in capsys.readouterr().out
+    # The same rows crafted on another source are another evaluation's: the report will not merge them.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**report, "source_bundle": {**expected, "sha256": {"flow.pth": "0" * 64}}}))
+    assert main(["eval", "report", str(out), str(other)]) == 2
+    assert "crafted on another source bundle" in capsys.readouterr().err

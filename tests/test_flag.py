@@ -119,7 +119,7 @@ def _with_thresholds(flag: FlagCalibration, value: float) -> FlagCalibration:
     return flag.model_copy(update={"thresholds": {"input": value, "defended": value}})
 
 
-@pytest.mark.parametrize("kind", ["flagpen:8:steps=1", "orthogonal:8:steps=1"])
+@pytest.mark.parametrize("kind", ["flagpen:8:steps=1", "orthogonal:8:steps=1", "square-flag:8:queries=2"])
 def test_flag_aware_success_needs_a_wrong_and_unflagged_answer(flagged_bundle, kind):
     """Everything flagged: no success whatever the answer; nothing flagged: success iff wrong."""
     pipeline = load_bundle(flagged_bundle).pipeline

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from models.defense.pipeline import Pipeline
 from models.defense.purify import project
-from models.robustness.spec import THROUGH_DEFENSE, AttackSpec, run_attack
+from models.robustness.spec import AttackSpec, run_attack
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +224,15 @@ def evaluate(
     on_checkpoint: Callable[[EvaluationState], None] | None = None,
     defend: bool | str = True,
     flag=None,
+    source_pipeline: Pipeline | None = None,
 ) -> EvaluationState:
     """Run every row on its clips (resuming from ``state_path``); returns the state with all records.
 
     ``on_checkpoint(state)`` runs after each batch of clips (all rows): partial reports of a long run.
     ``flag``: the bundle's flag calibration; with it every record also carries the multi-signal flag
-    (and the flag-aware attacks can run). Without it the signature, and so the resume, is as before."""
+    (and the flag-aware attacks can run). Without it the signature, and so the resume, is as before.
+    ``source_pipeline``: the other bundle ``transfer`` rows are crafted on (the caller puts its
+    identity into ``identity``, so a resume with another source starts afresh)."""
     defense = pipeline.defense
     # Records are kept per row name and clip index, so a later run with a larger n (or more rows)
     # reuses every clip already done; only what decides a clip's outcome is in the signature.
@@ -258,7 +261,7 @@ def evaluate(
             chunk = [i for i in left if i in group]
             if not chunk:
                 continue
-            _run_chunk(pipeline, source, row, chunk, state, threshold, seed, defend, flag)
+            _run_chunk(pipeline, source, row, chunk, state, threshold, seed, defend, flag, source_pipeline)
             position[row.name] += len(chunk)
             if progress is not None:
                 progress(row.name, position[row.name], len(row.indices))
@@ -277,6 +280,7 @@ def _run_chunk(
     seed: int,
     defend: bool | str,
     flag=None,
+    source_pipeline: Pipeline | None = None,
 ) -> None:
     started = time.perf_counter()
     clips, labels = zip(*(source(i) for i in chunk), strict=True)
@@ -285,7 +289,7 @@ def _run_chunk(
     torch.manual_seed(clip_seed(seed, row.name, chunk[0]))
     fooled_at = None
     if row.spec is not None:
-        result = run_attack(row.spec, pipeline, x, y, threshold, defend, flag=flag)
+        result = run_attack(row.spec, pipeline, x, y, threshold, defend, flag=flag, source=source_pipeline)
         x, fooled_at = result.x, result.fooled_at
     records = _score(pipeline, x, y, pipeline.defense.epsilon, defend, flag)
     seconds = round((time.perf_counter() - started) / len(chunk), 2)
@@ -299,11 +303,11 @@ def _run_chunk(
 
 def _attach_check(spec: AttackSpec, record: ClipRecord, at: int, threshold: float | None) -> None:
     """Record where the attack found its success and whether the real prediction agrees with its check
-    (through-defence attacks judge every iterate, so a clip they never accepted must not be a success)."""
+    (attacks that judge every iterate: a clip they never accepted must not be a success)."""
     success = _success(spec, record.defended, record.mc_before, threshold, record.flagged)
     if at >= 0:
         record.fooled_at, record.agrees = at, success
-    elif spec.kind in THROUGH_DEFENSE or spec.flag_aware:
+    elif spec.judges_every_iterate:
         record.agrees = not success
     if at < 0 and success:
         record.fooled_at = spec.steps  # found by the last iterate, which the scoring judged

@@ -187,10 +187,25 @@ def clips_to_json(clips: dict[str, dict[int, dict]]) -> dict:
     return {row: {str(i): recs[i] for i in sorted(recs)} for row, recs in clips.items()}
 
 
+SOURCE_KEY = "source_bundle"  # the bundle transfer rows were crafted on: in the signature of runs with them
+
+
+def _evaluation(signature: dict) -> dict:
+    """What must match to merge two runs: the signature less the transfer rows' source bundle (rows
+    that do not use it are the same evaluation with or without it; the rows that do are checked
+    against each other)."""
+    return {k: v for k, v in signature.items() if k != SOURCE_KEY}
+
+
+def _crafted_on_source(row: str) -> bool:
+    return row != "clean" and parse_attack(row).needs_source
+
+
 def load_reports(paths: Sequence[Path]) -> tuple[dict, dict[str, dict[int, dict]], list[dict]]:
     """Merge per-clip records of several eval JSONs of one evaluation (same signature); returns
-    (the first report's header, merged clips, every report's header) or raises UserError."""
-    headers, merged = [], {}
+    (the first report's header, with the source bundle of the transfer rows if any report has one;
+    merged clips; every report's header) or raises UserError."""
+    headers, merged, sources = [], {}, {}
     for path in paths:
         try:
             report = json.loads(Path(path).read_text())
@@ -198,11 +213,15 @@ def load_reports(paths: Sequence[Path]) -> tuple[dict, dict[str, dict[int, dict]
             raise UserError(f"{path}: not a readable eval JSON ({exc})") from exc
         if report.get("schema") != SCHEMA:
             raise UserError(f"{path}: not a {SCHEMA} report (rerun it with this version's motionguard eval)")
-        if headers and report["signature"] != headers[0]["signature"]:
+        if headers and _evaluation(report["signature"]) != _evaluation(headers[0]["signature"]):
             raise UserError(f"{path}: another evaluation (bundle, defence, seed or source differ from {paths[0]})")
         report["path"] = str(path)
         headers.append(report)
         for row, recs in report["clips"].items():
+            if _crafted_on_source(row):
+                source = report.get(SOURCE_KEY)
+                if sources.setdefault(row, source) != source:
+                    raise UserError(f"{path}: row {row} was crafted on another source bundle than in an earlier file")
             target = merged.setdefault(row, {})
             for key, rec in recs.items():
                 if int(key) in target and target[int(key)] != rec:
@@ -210,7 +229,11 @@ def load_reports(paths: Sequence[Path]) -> tuple[dict, dict[str, dict[int, dict]
                 target[int(key)] = rec
     if not headers:
         raise UserError("no eval JSON given")
-    return headers[0], merged, headers
+    header = headers[0]
+    used = next((source for source in sources.values() if source), None)
+    if used is not None:
+        header = {**header, SOURCE_KEY: used}
+    return header, merged, headers
 
 
 def load_costs(paths: Sequence[Path]) -> dict[str, float]:
@@ -259,12 +282,22 @@ def rows_table(summary: dict, costs: dict[str, float] | None = None) -> list[str
     return lines
 
 
+def source_text(header: dict) -> str:
+    """The sentence naming the bundle the transfer rows were crafted on ("" without transfer rows)."""
+    source = header.get(SOURCE_KEY)
+    if not source:
+        return ""
+    hashes = ", ".join(f"{name} {digest[:12]}" for name, digest in sorted(source["sha256"].items()))
+    return f" Transfer rows crafted on {source['name']} v{source['version']} (its undefended model; sha256 {hashes})."
+
+
 def to_markdown(header: dict, summary: dict, costs: dict[str, float] | None = None) -> str:
     """One run's (or one merge's) table with its settings."""
     sig = header["signature"]
     lines = [
         f"Bundle {header['bundle']['name']} v{header['bundle']['version']}, {header['source']}, seed {sig['seed']},"
         f" MC-loss threshold {threshold_text(header['threshold'])}; accuracies in % with 95 % bootstrap intervals."
+        + source_text(header)
         + (
             f" Flagged = the multi-signal attack flag (score thresholds {sig['flag']}; docs/flag.md), not the MC loss;"
             " a flag-aware row's success is a wrong AND unflagged answer."

@@ -5,7 +5,9 @@ videos (``--videos DIR`` with one sub-folder per label, named as the bundle's la
 cut exactly as the service does. Results go to JSON (``--json``: per-clip records and their summary;
 the same command gives the same JSON on one machine), Markdown (same name, ``.md``), timings (same
 name, ``.cost.json``: kept out of the JSON so it stays reproducible) and the MC-loss distribution
-plot (``.png``). Interrupted runs resume from ``--state``; ``--shard I/N`` and separate ``--attacks``
+plot (``.png``). ``transfer`` rows are crafted on another bundle, ``--source-bundle`` (checked before
+anything loads; its name, version and hashes go into the JSON and the state's identity). Interrupted
+runs resume from ``--state``; ``--shard I/N`` and separate ``--attacks``
 lists split the work across processes, and ``motionguard eval report *.json`` merges them.
 """
 
@@ -40,6 +42,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="[report]")
     eval_report_cmd.configure(sub.add_parser("report", help=eval_report_cmd.HELP, description=eval_report_cmd.HELP))
     parser.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the demo bundle)")
+    parser.add_argument(
+        "--source-bundle",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the bundle transfer:EPS rows are crafted on (its undefended model; same labels and input)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--split", choices=["train", "val", "test"], default="test", help="synthetic split")
     source.add_argument("--videos", type=Path, help="folder of labelled videos: DIR/<label>/<video>")
@@ -139,6 +148,12 @@ def run(args: argparse.Namespace) -> int:
         attacks = [parse_attack(a) for a in args.attacks.split(",") if a.strip()]
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    needs_source = [a.name for a in attacks if a.needs_source]
+    if needs_source and args.source_bundle is None:
+        raise UserError(
+            f"attack {', '.join(needs_source)} is crafted on another bundle: name it with --source-bundle PATH"
+            " (e.g. --source-bundle models/bundles/motionshapes-v1)"
+        )
     torch.use_deterministic_algorithms(True, warn_only=True)
     bundle = load_bundle(args.bundle, device=args.device)
     pipeline = bundle.pipeline
@@ -154,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
     flag = meta.flag if args.flag or any(a.flag_aware for a in attacks) else None
     if flag is None and (args.flag or any(a.flag_aware for a in attacks)):
         raise UserError("--flag and the flag-aware attacks need a bundle with a flag (motionguard calibrate --flag)")
+    source_pipeline, source_bundle = _load_source(args, meta) if needs_source else (None, None)
+    if args.source_bundle is not None and not needs_source:
+        log.warning("--source-bundle %s: no transfer row in --attacks uses it; not loaded", args.source_bundle)
 
     if args.videos:
         clips = _video_source(args.videos, meta, args.n)
@@ -203,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     def checkpoint(state) -> None:
         # A long run publishes partial reports (rows on the clips done so far) every few minutes.
         if time.monotonic() - last_write[0] >= args.report_every:
-            _write_outputs(args, state, rows, meta, origin, threshold, quiet=True)
+            _write_outputs(args, state, rows, meta, origin, threshold, source_bundle, quiet=True)
             last_write[0] = time.monotonic()
 
     state = evaluate(
@@ -214,14 +232,35 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         state_path=state_path,
         seed=args.seed,
-        identity={"bundle": meta.sha256, "source": origin},
+        identity={
+            "bundle": meta.sha256,
+            "source": origin,
+            **({"source_bundle": source_bundle["sha256"]} if source_bundle else {}),
+        },
         progress=progress,
         on_checkpoint=checkpoint,
         defend=True if args.defend == "always" else args.defend,
         flag=flag,
+        source_pipeline=source_pipeline,
     )
-    _write_outputs(args, state, rows, meta, origin, threshold)
+    _write_outputs(args, state, rows, meta, origin, threshold, source_bundle)
     return 0
+
+
+def _load_source(args: argparse.Namespace, meta):
+    """The pipeline transfer rows are crafted on and its record (name, version, file hashes)."""
+    from models.bundle.load import load_bundle
+    from models.errors import UserError
+
+    source = load_bundle(args.source_bundle, device=args.device)
+    other = source.meta
+    if other.labels != meta.labels or other.input != meta.input:
+        raise UserError(
+            f"--source-bundle {args.source_bundle}: its labels and input ({other.input.frames} frames,"
+            f" {other.input.height}x{other.input.width}) must be the evaluated bundle's"
+            f" ({meta.input.frames} frames, {meta.input.height}x{meta.input.width})"
+        )
+    return source.pipeline, {"name": other.name, "version": other.version, "sha256": other.sha256}
 
 
 def _unread_flag(record, field: str) -> bool:
@@ -229,7 +268,14 @@ def _unread_flag(record, field: str) -> bool:
 
 
 def _write_outputs(
-    args: argparse.Namespace, state, rows, meta, origin: str, threshold: float | None, quiet: bool = False
+    args: argparse.Namespace,
+    state,
+    rows,
+    meta,
+    origin: str,
+    threshold: float | None,
+    source_bundle: dict | None = None,
+    quiet: bool = False,
 ) -> None:
     """The run's JSON (reproducible: no timings), Markdown, cost file and Fig. 5."""
     from models.robustness.evaluate import RESULT_FIELDS, machine_info, plot_mc_distributions
@@ -246,6 +292,7 @@ def _write_outputs(
         "schema": SCHEMA,
         "signature": state.signature,
         "bundle": {"name": meta.name, "version": meta.version},
+        **({"source_bundle": source_bundle} if source_bundle else {}),
         "source": origin,
         "threshold": threshold,
         "shard": f"{args.shard[0]}/{args.shard[1]}",

@@ -80,6 +80,19 @@ accuracy the real 12-update prediction):
   defended prediction judges the iterate every `check` steps (default 10 for PGD, 5 for APGD: a
   check is one defended prediction, ~16x an undefended one) and the last one; the first that fools
   it is kept.
+- `transfer` (from another model): the `pgd` row's attack (20 steps of eps/4, check 10) crafted on
+  the undefended model of another bundle of the task (`motionguard eval --source-bundle`, named
+  above the table), judged by this bundle's defended prediction like `pgd`. A bundle that masks its
+  own gradients shows it here: white-box `pgd` fails, PGD from a bundle with informative gradients
+  does not.
+- `square` (Andriushchenko et al. 2020, L-inf): gradient-free random search. Each query is the real
+  prediction the row is judged by (defence mode included); a random square of side
+  sqrt(p H W) set to +-eps (signs per channel and frame: a pattern repeated in every frame is a
+  static overlay the flow looks through) is kept when it lowers the margin logit(true) -
+  max logit(other); p from 0.05 halves on the paper's schedule rescaled to `queries` (default 100);
+  vertical +-eps stripes are the first proposal, the clip itself query 0. The first query that
+  fools a clip is kept. `square-flag` adds lambda x relu(flag score - 0.8) to the loss and counts
+  a success only if wrong AND unflagged. Both run on the adaptive clip count.
 - `bpda` (Athalye et al.): 20 steps, cosine step decay from 5 eps/steps, uniform random start; the
   purification runs forward for real and is the identity backward. Every iterate x_0..x_20 is
   judged by the real defended prediction (it is computed anyway) and the first that fools it kept.
@@ -110,14 +123,15 @@ accuracy the real 12-update prediction):
 def section_text(
     header: dict, headers: list[dict], summary: dict, costs: dict, first: dict | None, notes: str, report_command: str
 ) -> str:
-    from models.robustness.report import rows_table, threshold_text
+    from models.robustness.report import rows_table, source_text, threshold_text
 
     machine = header["machine"]
     commands = "\n".join(f"    OMP_NUM_THREADS=1 {h['command']}" for h in headers)
     parts = [
         f"Bundle {header['bundle']['name']} v{header['bundle']['version']}, defence as in the bundle "
         f"({header['signature']['defense']['steps']} steps), clips from {header['source']}, seed "
-        f"{header['signature']['seed']}, MC-loss threshold {threshold_text(header['threshold'])}.",
+        f"{header['signature']['seed']}, MC-loss threshold {threshold_text(header['threshold'])}."
+        + source_text(header),
         "",
         _headline(summary),
         "",

@@ -185,7 +185,9 @@ class AttackCall:
 
     ``threshold``: the bundle's MC-loss threshold (detector-aware specs); ``defend``: the defence mode
     judged (``predict``'s); ``flag``: the bundle's flag calibration (flag-aware specs); ``check``: judge
-    the defended prediction every this many steps (transfer attacks; 0: the last iterate only).
+    the defended prediction every this many steps (transfer attacks; 0: the last iterate only);
+    ``source``: another bundle's pipeline that attacks crafted on a different model differentiate
+    (``motionguard eval --source-bundle``; the evaluated ``pipeline`` still judges every iterate).
     """
 
     pipeline: Pipeline
@@ -198,6 +200,7 @@ class AttackCall:
     threshold: float | None = None
     defend: bool | str = True
     flag: FlagCalibration | None = None
+    source: Pipeline | None = None
 
     @property
     def step_size(self) -> float | None:
@@ -220,7 +223,10 @@ class Attack:
     ``defaults`` are options a spec gets when it names none (they appear in the row's name, e.g. the
     adaptive attacks' lambda); ``defense_aware`` rows run on the adaptive clip count; ``detector``:
     the attack differentiates through the purification and takes ``detector=``; ``flag_aware``: a
-    success is a wrong answer the multi-signal flag does not raise.
+    success is a wrong answer the multi-signal flag does not raise; ``needs_source``: the attack is
+    crafted on another bundle (``AttackCall.source``), so a run without one is refused before it
+    starts; ``query_based``: a gradient-free attack that judges every query with the real prediction
+    (its budget is the spec's ``queries=``, not ``steps=``).
     """
 
     run: Callable[[AttackCall], AttackResult]
@@ -231,6 +237,8 @@ class Attack:
     defense_aware: bool = False
     detector: bool = False
     flag_aware: bool = False
+    needs_source: bool = False
+    query_based: bool = False
 
 
 def tracked(call: AttackCall, tracker: FirstSuccess) -> AttackResult:
