@@ -126,18 +126,9 @@ def _score(
         for i in range(len(y))
     ]
     if flag is not None:
-        from models.defense.flag import read_flag
+        from models.defense.flag import read_flag_of
 
-        reading = read_flag(
-            pipeline,
-            x,
-            probs_before=plain.probs,
-            flows_before=plain.flows_before,
-            mc_before=plain.mc_before,
-            flag=flag,
-            probs_after=defended.probs,
-            purified=defended.purified,
-        )
+        reading = read_flag_of(pipeline, x, plain, flag, defended=defended)
         for i, record in enumerate(records):
             signals, score, flagged = reading.of(i)
             record.flagged, record.attack_score = flagged, None if score is None else round(score, 5)
