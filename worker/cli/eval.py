@@ -68,7 +68,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--shard", type=_shard, default=(0, 1), help="I/N: this process takes clips with index %% N == I"
     )
     parser.add_argument(
-        "--defend", choices=["always", "auto"], default="always", help="defence mode judged (auto: flagged clips only)"
+        "--defend",
+        choices=["always", "auto", "off"],
+        default="always",
+        help="defence mode judged (auto: flagged clips only; off: the undefended model, e.g. for gradient-free rows)",
     )
     parser.add_argument(
         "--defence",
