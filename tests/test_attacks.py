@@ -130,6 +130,22 @@ def test_parse_attack():
     for bad in ["", "fgsm:8", "pgd:x", "pgd:0", "pgd:8:steps=abc", "pgd:8:detector=1", "pgd:8:foo=1", "bpda:8:eot=0"]:
         with pytest.raises(ValueError):
             parse_attack(bad)
+    for bad in ["bpda:8:updates=12", "square:8:updates=12", "pgd:8:updates=0"]:
+        with pytest.raises(ValueError, match="updates="):
+            parse_attack(bad)
+
+
+def test_updates_option_sets_the_raft_updates_of_the_gradient_path(setup):
+    """``pgd:8:updates=12`` differentiates the 12-update flow (the model's own inference flow), not the
+    2-update one: its first step follows another gradient."""
+    pipeline, x, y = setup
+    spec = parse_attack("pgd:8:steps=1:check=0:updates=12")
+    assert "updates=12" in spec.name
+    torch.manual_seed(0)
+    deep = run_attack(spec, pipeline, x, y).x
+    torch.manual_seed(0)
+    shallow = run_attack(parse_attack("pgd:8:steps=1:check=0"), pipeline, x, y).x
+    assert not torch.equal(deep, shallow) and (deep - x).abs().max().item() <= 8 / 255 + 1e-6
 
 
 def test_transfer_is_pgd_crafted_on_the_source_bundle(setup, other_random_bundle):

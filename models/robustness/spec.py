@@ -56,6 +56,7 @@ ATTACK_KINDS = tuple(ATTACKS)
 DEFENSE_AWARE = tuple(kind for kind, attack in ATTACKS.items() if attack.defense_aware)
 THROUGH_DEFENSE = tuple(kind for kind, attack in ATTACKS.items() if attack.detector)  # the detector option applies
 NEEDS_SOURCE = tuple(kind for kind, attack in ATTACKS.items() if attack.needs_source)  # --source-bundle
+GRADIENT_PATH = ("pgd", "apgd-ce", "apgd-dlr", "oneframe", "flicker", "transfer")  # through AttackCall.grad_logits
 QUERY_BASED = tuple(kind for kind, attack in ATTACKS.items() if attack.query_based)  # queries= and p=
 OPTIONS = {
     "steps": "attack steps",
@@ -70,6 +71,8 @@ OPTIONS = {
     "-score penalty",
     "start": "bpda/through: 1 uniform random start, 0 start at the clip (default 1; detector-aware: 0)",
     "queries": "square/square-flag: predictions of the real system after the clip's own (default 100)",
+    "updates": f"RAFT updates on the gradient path of {', '.join(GRADIENT_PATH)} (default 2, the paper's; the model is"
+    " always judged at 12: a model that masks the 2-update gradient may not mask this one)",
     "p": "square/square-flag: first share of the frame a square covers, halved on the paper's schedule (default 0.05)",
 }
 
@@ -148,6 +151,8 @@ def parse_attack(text: str) -> AttackSpec:
         raise ValueError(f"attack {text!r}: {kind} counts queries, not steps (e.g. {kind}:8:queries=100)")
     if kind not in QUERY_BASED and {"queries", "p"} & set(options):
         raise ValueError(f"attack {text!r}: queries= and p= apply to {' and '.join(QUERY_BASED)} only")
+    if "updates" in options and (kind not in GRADIENT_PATH or options["updates"] < 1):
+        raise ValueError(f"attack {text!r}: updates= (>= 1) applies to {', '.join(GRADIENT_PATH)} only")
     if not 0 < options.get("p", 0.5) <= 1:
         raise ValueError(f"attack {text!r}: p must be in (0, 1]")
     for key, value in ATTACKS[kind].defaults.items():

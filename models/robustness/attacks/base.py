@@ -207,9 +207,14 @@ class AttackCall:
         """The spec's ``step`` option in pixel units; None: the attack's own default."""
         return self.options["step"] / 255 if "step" in self.options else None
 
+    @property
+    def grad_updates(self) -> int:
+        """RAFT updates on the gradient path: the spec's ``updates`` option, else ``GRAD_UPDATES``."""
+        return int(self.options.get("updates", GRAD_UPDATES))
+
     def grad_logits(self, z: Tensor) -> Tensor:
-        """The undefended logits at ``GRAD_UPDATES`` flow updates: what transfer attacks differentiate."""
-        return self.pipeline.logits(z, GRAD_UPDATES)
+        """The undefended logits at ``grad_updates`` flow updates: what transfer attacks differentiate."""
+        return self.pipeline.logits(z, self.grad_updates)
 
     def transfer_tracker(self) -> FirstSuccess:
         """A tracker judged by the real defended prediction, for attacks crafted on the undefended model."""

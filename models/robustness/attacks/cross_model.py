@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from models.robustness.attacks.base import GRAD_UPDATES, AttackCall, FirstSuccess, transfer
+from models.robustness.attacks.base import AttackCall, FirstSuccess, transfer
 from models.robustness.attacks.pgd import pgd
 
 
@@ -23,7 +23,7 @@ def _craft(c: AttackCall, t: FirstSuccess) -> None:
         raise ValueError("attack 'transfer' needs a source bundle (motionguard eval --source-bundle PATH)")
 
     def source_logits(z: Tensor) -> Tensor:
-        return source.logits(z, GRAD_UPDATES)
+        return source.logits(z, c.grad_updates)
 
     pgd(source_logits, c.x, c.y, c.epsilon, c.steps, c.step_size, tracker=t, check_every=c.check)
 
