@@ -16,7 +16,15 @@ from models.defense_mode import resolve_policy
 from models.errors import BundleError
 
 BUNDLE_FILE = "bundle.json"
-DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "motionshapes-v1"
+SHIPPED_BUNDLES = Path(__file__).resolve().parent / "bundles"
+# The tools' default bundle (eval, calibrate, finetune, bench, bundle test, train-robust's source, a
+# bare load_bundle()): MotionShapes v1.1, the paper's purification, which every measurement in
+# docs/robustness.md and docs/demo-model.md is of.
+DEFAULT_BUNDLE_DIR = SHIPPED_BUNDLES / "motionshapes-v1"
+# The service's default model (what answers a request that names none; worker.settings.bundle_dir):
+# the shipped bundle with the better measured worst case at clean accuracy >= 85 % (issue 23;
+# docs/robust-model.md). The other shipped bundles are served by name from the same folder.
+SERVED_BUNDLE_DIR = SHIPPED_BUNDLES / "motionshapes-robust-v1"
 
 
 class _Strict(BaseModel):

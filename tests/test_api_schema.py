@@ -49,7 +49,7 @@ schema = schemathesis.openapi.from_dict(_openapi(KEYS), config=CONFIG)
 def _serve(service_env, tmp_path_factory, keys: list[str]):
     from redis import Redis
 
-    from models.bundle_meta import DEFAULT_BUNDLE_DIR, read_bundle_meta
+    from models.bundle_meta import SERVED_BUNDLE_DIR, read_bundle_meta
     from service.app import create_app
     from worker.queueing import make_queue
 
@@ -62,7 +62,7 @@ def _serve(service_env, tmp_path_factory, keys: list[str]):
         max_queued=10_000,
         max_inflight_per_key=10_000,
         api_keys=keys,
-        bundle_dir=str(DEFAULT_BUNDLE_DIR),  # calibrated (defend=auto served); the API reads only its JSON
+        bundle_dir=str(SERVED_BUNDLE_DIR),  # the default deployment's (calibrated: defend=auto served); JSON only
     )
     connection = Redis.from_url(app_settings.redis_url)
     # A worker's liveness record (what a real worker publishes) so /readyz is 200, not its 503.
@@ -118,7 +118,7 @@ def test_enforced_bounds_are_declared(random_bundle):
     assert params["epsilon"]["maximum"] == 0.1 and params["epsilon"]["exclusiveMinimum"] == 0
     from models.defense_mode import parse_mode
 
-    assert {parse_mode(v) for v in params["defend"]["enum"]} == {"always", "off", "auto"}  # demo: calibrated
+    assert {parse_mode(v) for v in params["defend"]["enum"]} == {"always", "off", "auto"}  # shipped: calibrated
     uncalibrated = create_app(Settings(bundle_dir=random_bundle)).openapi()["paths"]["/classify"]["post"]
     defend = next(p["schema"]["anyOf"][0] for p in uncalibrated["parameters"] if p["name"] == "defend")
     assert "auto" not in defend["enum"] and "true" in defend["enum"]  # no threshold: auto is a 422

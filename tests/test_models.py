@@ -85,10 +85,16 @@ def test_served_models_and_the_single_bundle_default(repository_dir, random_bund
     # A deployment that names only its bundle directory serves that bundle alone, as before.
     single = Repository.scan(Settings(bundle_dir=random_bundle))
     assert [e.path for e in single.entries] == [random_bundle.resolve()]
-    # The shipped default: the whole shipped repository.
+    # The shipped default: the whole shipped repository, the robust bundle answering requests naming none.
     shipped = Repository.scan(Settings())
     assert shipped.default is not None and shipped.default in shipped.entries
+    assert shipped.default.name == "motionshapes-robust"
     assert {e.path.parent for e in shipped.entries} == {(REPO_ROOT / "models" / "bundles").resolve()}
+    # Another shipped bundle as the default changes the default, not the models served.
+    v11 = Repository.scan(Settings(bundle_dir=REPO_ROOT / "models" / "bundles" / "motionshapes-v1"))
+    assert v11.default is not None and v11.default.name == "motionshapes"
+    assert {(e.name, e.version) for e in v11.entries} == {(e.name, e.version) for e in shipped.entries}
+    assert len(shipped.entries) >= 2
 
 
 def test_version_order_is_natural():

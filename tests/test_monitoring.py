@@ -229,7 +229,9 @@ def test_worker_records_reach_the_api_collector_per_bundle(redis_client):
     assert value("motionguard_mc_loss_drift", model="m", version="2") == 1.0
     assert value("motionguard_mc_loss_suspected_share", model="m", version="2") == 1.0
     assert value("motionguard_mc_loss_suspected_share", model="m", version="1") == 0.0
-    assert value("motionguard_queue_depth", model="motionshapes") == 0  # per model: the default bundle here
+    # per served model: the shipped ones here (the default model and v1.1, served by name)
+    for model in ("motionshapes-robust", "motionshapes"):
+        assert value("motionguard_queue_depth", model=model) == 0
     # the adaptive defence: clips per decision and the steps spent, per bundle, summed over workers
     assert value("motionguard_clips_total", decision="skipped", model="m", version="1") == 36
     assert value("motionguard_clips_total", decision="purified", model="m", version="1") == 2

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.bundle_meta import DEFAULT_BUNDLE_DIR
+from models.bundle_meta import SERVED_BUNDLE_DIR, SHIPPED_BUNDLES
 
 
 class Settings(BaseSettings):
@@ -23,11 +23,15 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="None: 'serve' starts an embedded Redis")
     queue_name: str = "motionguard"
     key_prefix: str = Field(default="motionguard", description="prefix of the service's own Redis keys")
-    bundle_dir: Path = Field(default=DEFAULT_BUNDLE_DIR, description="the default model (requests naming none)")
+    bundle_dir: Path = Field(
+        default=SERVED_BUNDLE_DIR,
+        description="the default model (requests naming none); default: the shipped bundle with the better "
+        "measured worst case (models.bundle_meta.SERVED_BUNDLE_DIR, docs/robust-model.md)",
+    )
     model_repository: Path | None = Field(
         default=None,
         description="a directory of bundles, each a model (worker.repository); None: the shipped bundles when "
-        "bundle_dir is the shipped default, else bundle_dir's bundle alone (a single-model deployment, as before)",
+        "bundle_dir is one of them, else bundle_dir's bundle alone (a single-model deployment, as before)",
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="models served, 'name' or 'name:version' (empty: every bundle)"
@@ -128,10 +132,14 @@ class Settings(BaseSettings):
 
     @property
     def repository_dir(self) -> Path | None:
-        """Where the model repository is scanned (None: it holds the default bundle only)."""
+        """Where the model repository is scanned (None: it holds the default bundle only).
+
+        Unset, it is the shipped folder whenever the default model is one of the shipped bundles, so
+        pointing ``bundle_dir`` at another shipped bundle changes the default, not the models served."""
         if self.model_repository is not None:
             return self.model_repository
-        return DEFAULT_BUNDLE_DIR.parent if Path(self.bundle_dir).resolve() == DEFAULT_BUNDLE_DIR.resolve() else None
+        shipped = SHIPPED_BUNDLES.resolve()
+        return SHIPPED_BUNDLES if Path(self.bundle_dir).resolve().parent == shipped else None
 
     def key(self, *parts: str) -> str:
         """A namespaced Redis key of the service (never built from client text except hashed ids)."""

@@ -158,7 +158,12 @@ def load_bundle(
     mode: str | None = None,
     threshold: float | None = None,
 ) -> LoadedBundle:
-    """Verify and load a bundle onto ``device`` ("cpu" or "cuda[:n]"); the default is the demo bundle.
+    """Verify and load a bundle onto ``device`` ("cpu" or "cuda[:n]").
+
+    With no ``bundle_dir`` it loads the tools' default, MotionShapes v1.1 (``DEFAULT_BUNDLE_DIR``:
+    what eval, calibrate, finetune and the benches measure), not the service's default model
+    (``models.bundle_meta.SERVED_BUNDLE_DIR``): the service and ``motionguard classify`` always pass
+    ``settings.bundle_dir``, so a bare call here never decides what the service serves.
 
     ``mode`` and ``threshold`` override the ``defense`` section's default mode and ``defend=auto``
     threshold (the deployment's settings); None keeps the bundle's."""

@@ -18,7 +18,12 @@ log = logging.getLogger(__name__)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", type=Path, help="any container/codec PyAV reads")
-    parser.add_argument("--bundle", type=Path, default=None, help="model bundle directory (default: the demo bundle)")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="model bundle directory (default: MOTIONGUARD_BUNDLE_DIR, the service's default model)",
+    )
     defend = parser.add_mutually_exclusive_group()
     defend.add_argument(
         "--defend",
