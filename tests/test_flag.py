@@ -14,7 +14,7 @@ from models.defense.flag import (
     calibrate_flag,
     combine,
     fit_signal,
-    read_flag,
+    read_flag_of,
     surprises,
     survival,
 )
@@ -83,15 +83,7 @@ def test_bundle_without_flag_section_still_reads_and_keeps_the_mc_flag(random_bu
     clip = torch.rand(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     plain = pipeline.predict(clip, defend=False, keep_flows=True)
     threshold = float(plain.mc_before.mean())
-    reading = read_flag(
-        pipeline,
-        clip,
-        probs_before=plain.probs,
-        flows_before=plain.flows_before,
-        mc_before=plain.mc_before,
-        flag=None,
-        legacy_threshold=threshold,
-    )
+    reading = read_flag_of(pipeline, clip, plain, None, legacy_threshold=threshold)
     assert reading.flagged.tolist() == (plain.mc_before > threshold).tolist()
     assert reading.score.tolist() == pytest.approx((plain.mc_before / threshold).tolist())
     assert set(reading.signals) == {"mc"}
