@@ -33,7 +33,7 @@ from models.robustness.attacks import (
 from models.robustness.attacks.base import Attack, AttackCall, AttackResult
 from models.robustness.attacks.flag import FLAG_ATTACKS
 
-__all__ = ["ATTACKS", "NEEDS_SOURCE", "AttackResult", "AttackSpec", "parse_attack", "run_attack"]
+__all__ = ["ATTACKS", "AttackResult", "AttackSpec", "parse_attack", "run_attack"]
 
 #: kind -> attack: one line per attack (its module holds the attack and its defaults).
 ATTACKS: dict[str, Attack] = {
@@ -55,8 +55,7 @@ ATTACKS: dict[str, Attack] = {
 ATTACK_KINDS = tuple(ATTACKS)
 DEFENSE_AWARE = tuple(kind for kind, attack in ATTACKS.items() if attack.defense_aware)
 THROUGH_DEFENSE = tuple(kind for kind, attack in ATTACKS.items() if attack.detector)  # the detector option applies
-NEEDS_SOURCE = tuple(kind for kind, attack in ATTACKS.items() if attack.needs_source)  # --source-bundle
-GRADIENT_PATH = ("pgd", "apgd-ce", "apgd-dlr", "oneframe", "flicker", "transfer")  # through AttackCall.grad_logits
+GRADIENT_PATH = tuple(kind for kind, attack in ATTACKS.items() if attack.gradient_path)  # updates=
 QUERY_BASED = tuple(kind for kind, attack in ATTACKS.items() if attack.query_based)  # queries= and p=
 OPTIONS = {
     "steps": "attack steps",

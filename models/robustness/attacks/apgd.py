@@ -100,5 +100,5 @@ def _crafter(loss: str) -> Callable[[AttackCall, FirstSuccess], None]:
     return craft
 
 
-APGD_CE = transfer(_crafter("ce"), steps=10, check=5)
-APGD_DLR = transfer(_crafter("dlr"), steps=10, check=5)
+APGD_CE = transfer(_crafter("ce"), steps=10, check=5, gradient_path=True)
+APGD_DLR = transfer(_crafter("dlr"), steps=10, check=5, gradient_path=True)

@@ -231,7 +231,8 @@ class Attack:
     success is a wrong answer the multi-signal flag does not raise; ``needs_source``: the attack is
     crafted on another bundle (``AttackCall.source``), so a run without one is refused before it
     starts; ``query_based``: a gradient-free attack that judges every query with the real prediction
-    (its budget is the spec's ``queries=``, not ``steps=``).
+    (its budget is the spec's ``queries=``, not ``steps=``); ``gradient_path``: the attack differentiates
+    ``AttackCall.grad_logits`` (or the source's logits), so the spec's ``updates=`` applies.
     """
 
     run: Callable[[AttackCall], AttackResult]
@@ -244,6 +245,7 @@ class Attack:
     flag_aware: bool = False
     needs_source: bool = False
     query_based: bool = False
+    gradient_path: bool = False
 
 
 def tracked(call: AttackCall, tracker: FirstSuccess) -> AttackResult:

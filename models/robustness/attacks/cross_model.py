@@ -28,4 +28,4 @@ def _craft(c: AttackCall, t: FirstSuccess) -> None:
     pgd(source_logits, c.x, c.y, c.epsilon, c.steps, c.step_size, tracker=t, check_every=c.check)
 
 
-TRANSFER = transfer(_craft, steps=20, check=10, needs_source=True)
+TRANSFER = transfer(_craft, steps=20, check=10, needs_source=True, gradient_path=True)

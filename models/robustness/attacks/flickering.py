@@ -50,4 +50,4 @@ def run(call: AttackCall) -> AttackResult:
     return AttackResult(flickering(call.grad_logits, call.x, call.y, call.epsilon, call.steps), None, call.steps)
 
 
-FLICKER = Attack(run, steps=300, epsilon_255=32.0)
+FLICKER = Attack(run, steps=300, epsilon_255=32.0, gradient_path=True)

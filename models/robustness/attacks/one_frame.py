@@ -38,4 +38,4 @@ def _craft(c: AttackCall, t: FirstSuccess) -> None:
     one_frame(c.grad_logits, c.x, c.y, c.epsilon, c.steps, c.step_size, tracker=t, check_every=c.check)
 
 
-ONE_FRAME = transfer(_craft, steps=20, check=10)
+ONE_FRAME = transfer(_craft, steps=20, check=10, gradient_path=True)

@@ -66,4 +66,4 @@ def _craft(c: AttackCall, t: FirstSuccess) -> None:
     pgd(c.grad_logits, c.x, c.y, c.epsilon, c.steps, c.step_size, tracker=t, check_every=c.check)
 
 
-PGD = transfer(_craft, steps=20, check=10)
+PGD = transfer(_craft, steps=20, check=10, gradient_path=True)
