@@ -43,6 +43,7 @@ __all__ = [
     "defended_forward",
     "defended_judge",
     "dlr_loss",
+    "margin",
     "input_grad",
     "project",
     "random_start",
@@ -121,15 +122,19 @@ def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Difference of Logits Ratio (Croce & Hein 2020): scale-invariant margin; needs >= 3 classes."""
-    sorted_logits, _ = logits.sort(dim=1)
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """logit(true) - max logit(other), per clip: below 0 the prediction is wrong."""
     true = logits.gather(1, y[:, None])[:, 0]
     others = logits.clone()
     others.scatter_(1, y[:, None], float("-inf"))
-    best_other = others.max(dim=1).values
+    return true - others.max(dim=1).values
+
+
+def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Difference of Logits Ratio (Croce & Hein 2020): scale-invariant margin; needs >= 3 classes."""
+    sorted_logits, _ = logits.sort(dim=1)
     denom = sorted_logits[:, -1] - sorted_logits[:, -3] + 1e-12
-    return -(true - best_other) / denom
+    return -margin(logits, y) / denom
 
 
 def cosine_steps(first: float, steps: int) -> list[float]:

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from models.bundle_meta import FlagCalibration
 from models.defense.pipeline import Pipeline
-from models.robustness.attacks.base import Attack, AttackCall, AttackResult, FirstSuccess, project, tracked
+from models.robustness.attacks.base import Attack, AttackCall, AttackResult, FirstSuccess, margin, project, tracked
 from models.robustness.attacks.flag import DEFAULT_LAMBDA, SCORE_MARGIN, judge_flag
 
 __all__ = ["SQUARE", "SQUARE_FLAG", "QueryFn", "SquareRun", "margin", "square_attack", "square_side"]
@@ -60,14 +60,6 @@ DEFAULT_P = 0.05
 # The paper's schedule on 10000 queries: up to this query p is p_init / this divisor.
 P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
 RESAMPLES = 10  # redraws of a proposal that would change nothing (its square already holds those signs)
-
-
-def margin(logits: Tensor, y: Tensor) -> Tensor:
-    """logit(true) - max logit(other), per clip: below 0 the prediction is wrong."""
-    true = logits.gather(1, y[:, None])[:, 0]
-    others = logits.clone()
-    others.scatter_(1, y[:, None], float("-inf"))
-    return true - others.max(dim=1).values
 
 
 def square_fraction(p_init: float, query: int, queries: int) -> float:
