@@ -71,3 +71,28 @@ def test_finished_job_with_stale_entry_is_left_alone(setup):
     job.set_status(JobStatus.FINISHED)
     assert recover_dead_jobs(connection, settings) == []
     assert connection.zcard(queue.started_job_registry.key) == 0
+
+
+def test_a_starting_worker_requeues_a_dead_workers_job_before_rqs_cleanup_fails_it(setup):
+    """A worker started more than a heartbeat TTL after a crash runs RQ's registry maintenance first
+    thing; RQ's started-registry cleanup would fail the dead worker's job (``AbandonedJobError``).
+    The worker's ``clean_registries`` runs the recovery first, so the job is requeued (as in CI's
+    embedded-persistence crash, where a restart took 3.4 s against a 3 s TTL)."""
+    from rq.registry import FailedJobRegistry
+
+    from worker.serving.routing import RoutedWorker
+
+    settings, connection, queue = setup
+    job_id = uuid.uuid4().hex
+    upload_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
+    upload_path(settings, job_id).write_bytes(b"video")
+    job = queue.enqueue("worker.serving.jobs.analyse_job", {"defend": True}, job_id=job_id, meta={"worker": "w1"})
+    _start(connection, queue, job, expires_in=-1)
+    worker = RoutedWorker([queue], connection=connection, serializer=JSONSerializer, name=f"w2-{job_id[:6]}")
+    worker.settings = settings
+    worker.clean_registries()
+    job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.QUEUED and job_id in queue.job_ids, job.get_status()
+    assert job.meta["worker_deaths"] == 1
+    assert job_id not in FailedJobRegistry(queue.name, connection=connection, serializer=JSONSerializer)
+    assert connection.zcard(queue.started_job_registry.key) == 0

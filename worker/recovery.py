@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from redis import Redis
@@ -38,20 +40,43 @@ WORKER_DIED = "worker_died"
 MODEL_UNAVAILABLE = "model_unavailable"
 
 
+def lock_ttl_s(settings: Settings) -> float:
+    """How long the recovery lock lives if its holder dies holding it."""
+    return max(1.0, settings.recovery_interval_s * 3)
+
+
+@contextmanager
+def recovery_lock(connection: Redis, settings: Settings, wait_s: float = 0.0) -> Iterator[bool]:
+    """The service-wide lock of the recovery scan (one process acts at a time); yields whether it is
+    held here. ``wait_s``: how long to retry while another process holds it (0: once)."""
+    key = settings.key("recovery-lock")
+    deadline = time.monotonic() + wait_s
+    held = bool(connection.set(key, "1", nx=True, px=int(lock_ttl_s(settings) * 1000)))
+    while not held and time.monotonic() < deadline:
+        time.sleep(0.05)  # a lock retry: its holder's scan takes milliseconds
+        held = bool(connection.set(key, "1", nx=True, px=int(lock_ttl_s(settings) * 1000)))
+    try:
+        yield held
+    finally:
+        if held:
+            connection.delete(key)
+
+
 def recover_dead_jobs(connection: Redis, settings: Settings) -> list[tuple[str, str]]:
     """Handle every started job whose heartbeat expired, on every queue of the service, and fail the
-    pinned jobs no live worker can run; returns [(job_id, "requeued"|"failed")]."""
-    lock_key = settings.key("recovery-lock")
-    if not connection.set(lock_key, "1", nx=True, px=max(1000, int(settings.recovery_interval_s * 3000))):
-        return []
-    try:
-        actions = []
-        for queue in service_queues(connection, settings):
-            actions += _recover_queue(connection, settings, queue)
-        unserved = fail_unserved(connection, settings, live_workers(connection, settings))
-        return actions + [(job_id, "failed") for job_id in unserved]
-    finally:
-        connection.delete(lock_key)
+    pinned jobs no live worker can run; returns [(job_id, "requeued"|"failed")]. Skipped (returns
+    []) while another process scans."""
+    with recovery_lock(connection, settings) as held:
+        return recover_locked(connection, settings) if held else []
+
+
+def recover_locked(connection: Redis, settings: Settings) -> list[tuple[str, str]]:
+    """``recover_dead_jobs``'s scan, for a caller that holds ``recovery_lock``."""
+    actions = []
+    for queue in service_queues(connection, settings):
+        actions += _recover_queue(connection, settings, queue)
+    unserved = fail_unserved(connection, settings, live_workers(connection, settings))
+    return actions + [(job_id, "failed") for job_id in unserved]
 
 
 def _recover_queue(connection: Redis, settings: Settings, queue: Queue) -> list[tuple[str, str]]:

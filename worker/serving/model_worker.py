@@ -28,6 +28,7 @@ from rq.queue import Queue
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
+from worker import recovery
 from worker.queueing import JOB_FUNCTION
 from worker.serving import rq_lifecycle
 from worker.settings import Settings
@@ -161,6 +162,22 @@ class ModelWorker(SimpleWorker):
             super().check_for_suspension(burst)
         except REDIS_DOWN:
             self.wait_for_redis("checking for suspension")
+
+    def clean_registries(self) -> None:
+        """RQ's registry maintenance, under the service's recovery lock and right after its recovery
+        scan. RQ's started-registry cleanup fails a job whose entry expired (``AbandonedJobError``),
+        where ``worker.recovery`` requeues it (bounded by ``max_retries``): a worker starting more than
+        a heartbeat TTL after a crash ran RQ's cleanup before any recovery scan and failed the dead
+        worker's job (CI, ``test_embedded_persistence``). Now the recovery has taken every expired
+        entry first, and no scan elsewhere interleaves with RQ's cleanup."""
+        with recovery.recovery_lock(self.connection, self.settings, recovery.lock_ttl_s(self.settings)) as held:
+            if held:
+                recovery.recover_locked(self.connection, self.settings)
+            self.clean_queue_registries()
+
+    def clean_queue_registries(self) -> None:
+        """RQ's own maintenance of the worker's queues (subclasses add theirs)."""
+        super().clean_registries()
 
     def run_maintenance_tasks(self) -> None:
         try:

@@ -93,10 +93,10 @@ class RoutedWorker(ModelWorker):
             self.pubsub_thread.stop(timeout=1)
             self.pubsub.close()
 
-    def clean_registries(self) -> None:
+    def clean_queue_registries(self) -> None:
         """RQ's maintenance of the worker's queues, and of its pinned queue too (a job taken from it by
         a worker that died before starting it is not left in its intermediate list)."""
-        super().clean_registries()
+        super().clean_queue_registries()
         if self.pinned is not None and self.pinned.acquire_maintenance_lock():
             try:
                 clean_registries(self.pinned, self._exc_handlers)
