@@ -112,3 +112,25 @@ def test_interrupted_run_resumes_at_its_stored_step_and_bundle_loads(source, tmp
     best = torch.load(cfg.work_dir / robust_train.BEST_FILE, map_location="cpu", weights_only=True)
     for name, value in bundle.pipeline.classifier.state_dict().items():
         assert torch.equal(value, best["classifier"][name])
+
+
+def test_transferred_perturbations_come_from_the_transfer_source_within_budget(source, tmp_path):
+    """A run continued from a trained bundle crafts its transferred perturbations on ``transfer_source``
+    (PGD-k there, inside the eps ball, raising the source's loss), not on the bundle it starts from."""
+    other = make_random_bundle(tmp_path / "other", frames=4, num_classes=3, seed=7)
+    cfg = _config(tmp_path, source)
+    cfg.transfer_source, cfg.source_attack_steps = other, 3
+    loaded = robust_train._load_source(cfg, torch.device("cpu"), transfer=True)
+    assert loaded.path.resolve() == other.resolve()
+    assert robust_train._load_source(cfg, torch.device("cpu")).path.resolve() == source.resolve()
+    attacker = Models(loaded.pipeline)
+    clips, _, labels = val_set(2, 4, 64, 3)
+    eps = 8 / 255
+    adv = robust_train._source_pgd(attacker, clips, labels, eps, cfg, torch.Generator().manual_seed(0))
+    assert float((adv - clips).abs().max()) <= eps + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    with torch.no_grad():
+        loss = [torch.nn.functional.cross_entropy(attacker.logits(x, cfg.grad_updates), labels) for x in (clips, adv)]
+    assert loss[1] > loss[0]
+    cfg.source_attack_steps = 0
+    with pytest.raises(robust_train.UserError, match="source_attack_steps"):
+        train_robust(cfg)

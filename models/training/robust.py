@@ -83,6 +83,11 @@ class RobustConfig:
     # crafted on the source still fooled 8 of 8 clips (gradient masking), so the model also trains on,
     # and is validated against, the perturbations the source's gradients find.
     source_attack_frac: float = 0.34
+    # The frozen bundle those perturbations are crafted on (None: ``source``). A run that continues
+    # from an adversarially trained bundle names the bundle it was trained away from here, since its
+    # own (masked) gradient is the one an attacker would not use.
+    transfer_source: Path | None = None
+    source_attack_steps: int = 1  # 1: FGSM with random start on the source; k > 1: PGD-k (step 2.5 eps / k)
     reset_best: bool = False  # on resume: forget the best record (the validation metric changed)
     clean_frac: float = 0.25  # share of each batch trained clean
     grad_updates: int = 2  # RAFT updates on the attacker's gradient path
@@ -203,6 +208,27 @@ def fgsm_attack(
     step = (1.0 if cfg.attack == "nfgsm" else cfg.fgsm_step) * epsilon
     adv = start.detach() + step * grad.sign()
     return adv.clamp(0, 1) if cfg.attack == "nfgsm" else project(adv, clip, epsilon)
+
+
+def _source_pgd(
+    source: Models, clip: Tensor, y: Tensor, epsilon: float, cfg: RobustConfig, generator: torch.Generator
+) -> Tensor:
+    """PGD-``source_attack_steps`` on CE through the frozen source (RAFT at ``grad_updates``), its
+    random start drawn from the step's generator like the one-step attacks'."""
+    if epsilon <= 0:
+        return clip
+    for p in source.pipeline.parameters():
+        p.requires_grad_(False)
+    step = 2.5 * epsilon / cfg.source_attack_steps
+    noise = (torch.rand(clip.shape, generator=generator) * 2 - 1).to(clip.device) * epsilon
+    x = project(clip + noise, clip, epsilon)
+    for _ in range(cfg.source_attack_steps):
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            loss = F.cross_entropy(source.logits(z, cfg.grad_updates), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, z)
+        x = project(x.detach() + step * grad.sign(), clip, epsilon)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,10 +361,11 @@ def _score(record: dict, min_clean: float) -> tuple:
 # training
 
 
-def _load_source(cfg: RobustConfig, device: torch.device):
+def _load_source(cfg: RobustConfig, device: torch.device, *, transfer: bool = False):
     from models.bundle.load import load_bundle
 
-    return load_bundle(cfg.source, device)
+    path = cfg.transfer_source if transfer and cfg.transfer_source is not None else cfg.source
+    return load_bundle(path, device)
 
 
 def _optimizers(models: Models, cfg: RobustConfig) -> dict[str, torch.optim.Optimizer]:
@@ -374,6 +401,9 @@ def _train_step(
         pick = pick.clone()
         pick[:n_clean] = False
         if bool(pick.any()):
+            if attacker is source and cfg.source_attack_steps > 1:
+                adv[pick] = _source_pgd(source, clips[pick], labels[pick], epsilon, cfg, g)
+                continue
             use = use_ce[pick] if attacker is models else torch.ones_like(use_ce[pick])
             adv[pick] = fgsm_attack(attacker, clips[pick], gts[pick], labels[pick], use, epsilon, cfg, g)
     train_flow = stage in ("flow", "joint")
@@ -443,10 +473,12 @@ def train_robust(cfg: RobustConfig, *, resume: bool = False) -> dict:
     state_path = work / STATE_FILE
     if state_path.is_file() and not resume:
         raise UserError(f"{state_path} exists: pass --resume to continue it, or choose another --work directory")
+    if cfg.source_attack_steps < 1:
+        raise UserError(f"source_attack_steps must be >= 1, got {cfg.source_attack_steps}")
     device = training_device(cfg.device)
     bundle = _load_source(cfg, device)
     models = Models(bundle.pipeline)
-    source = Models(_load_source(cfg, device).pipeline) if cfg.source_attack_frac > 0 else None
+    source = Models(_load_source(cfg, device, transfer=True).pipeline) if cfg.source_attack_frac > 0 else None
     optimizers = _optimizers(models, cfg)
     state = _fresh_state()
     if resume and state_path.is_file():

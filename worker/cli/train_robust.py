@@ -54,6 +54,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="attacked clips whose perturbation is crafted on the frozen source bundle (0: none; the "
         "validation then has no transfer row)",
     )
+    parser.add_argument(
+        "--transfer-source",
+        type=Path,
+        default=None,
+        help="bundle the transferred perturbations are crafted on (default: the --from bundle)",
+    )
+    parser.add_argument(
+        "--source-attack-steps", type=int, default=1, help="1: FGSM with random start on the source; k: PGD-k"
+    )
     parser.add_argument("--reset-best", action="store_true", help="with --resume: forget the best record")
     parser.add_argument("--clean-frac", type=float, default=0.25, help="share of each batch trained clean")
     parser.add_argument("--train-updates", type=int, default=4, help="RAFT iterates in the sequence loss")
@@ -99,6 +108,8 @@ def build_config(args: argparse.Namespace):
         ce_attack_frac=args.ce_attack_frac,
         clean_frac=args.clean_frac,
         source_attack_frac=args.source_attack_frac,
+        transfer_source=args.transfer_source,
+        source_attack_steps=args.source_attack_steps,
         reset_best=args.reset_best,
         train_updates=args.train_updates,
         ce_weight=args.ce_weight,
