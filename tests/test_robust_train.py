@@ -134,3 +134,24 @@ def test_transferred_perturbations_come_from_the_transfer_source_within_budget(s
     cfg.source_attack_steps = 0
     with pytest.raises(robust_train.UserError, match="source_attack_steps"):
         train_robust(cfg)
+
+
+def test_flow_space_attack_stays_in_its_ball_and_the_classifier_still_trains(source, tmp_path):
+    """The classifier stage's flow-space PGD keeps every flow within ``flow_eps`` px, raises the
+    classifier's loss, and leaves the classifier's weights trainable (one step changes them)."""
+    cfg = _config(tmp_path, source, flow=0, joint=0)
+    cfg.flow_eps, cfg.flow_steps, cfg.source_attack_frac = 0.2, 3, 0.0
+    models = Models(load_bundle(source).pipeline)
+    clips, _, labels = val_set(2, 4, 64, 3)
+    with torch.no_grad():
+        flows = models.flow(clips, 2)["forward"]
+    attacked = robust_train._flow_space_pgd(models, flows, labels, cfg, torch.Generator().manual_seed(0))
+    assert float((attacked - flows).abs().max()) <= 0.2 + 1e-6
+    with torch.no_grad():
+        loss = [torch.nn.functional.cross_entropy(models.classify(f), labels) for f in (flows, attacked)]
+    assert loss[1] > loss[0]
+    before = [p.detach().clone() for p in models.classifier.parameters()]
+    optimizers = robust_train._optimizers(models, cfg)
+    out = robust_train._train_step(models, optimizers, "classifier", 0, 8 / 255, 1e-3, cfg, torch.device("cpu"))
+    assert out["loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, models.classifier.parameters(), strict=True))

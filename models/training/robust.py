@@ -88,6 +88,13 @@ class RobustConfig:
     # own (masked) gradient is the one an attacker would not use.
     transfer_source: Path | None = None
     source_attack_steps: int = 1  # 1: FGSM with random start on the source; k > 1: PGD-k (step 2.5 eps / k)
+    # Classifier stage: PGD-``flow_steps`` on the classifier in flow space (L-inf ball of ``flow_eps``
+    # px around the flow of the clip as attacked) on every non-clean clip. Measured on the first
+    # robust bundle: 0.05 px fooled 7 of 12 val clips and 0.1 px all 12, while a perturbation
+    # transferred from v1.1 moved its flow by only 0.11 px on average: the classifier, not RAFT, is
+    # where small flow changes flip the class.
+    flow_eps: float = 0.0
+    flow_steps: int = 5
     reset_best: bool = False  # on resume: forget the best record (the validation metric changed)
     clean_frac: float = 0.25  # share of each batch trained clean
     grad_updates: int = 2  # RAFT updates on the attacker's gradient path
@@ -229,6 +236,20 @@ def _source_pgd(
             (grad,) = torch.autograd.grad(loss, z)
         x = project(x.detach() + step * grad.sign(), clip, epsilon)
     return x
+
+
+def _flow_space_pgd(models: Models, flows: Tensor, y: Tensor, cfg: RobustConfig, generator: torch.Generator) -> Tensor:
+    """PGD-``flow_steps`` on the classifier's CE in flow space, L-inf ``flow_eps`` px around ``flows``
+    (random start from the step's generator): the flow changes no pixel attack was needed for."""
+    eps = cfg.flow_eps
+    delta = (torch.rand(flows.shape, generator=generator) * 2 - 1).to(flows.device) * eps
+    for _ in range(cfg.flow_steps):
+        with torch.enable_grad():
+            d = delta.detach().requires_grad_(True)
+            loss = F.cross_entropy(models.classify(flows + d), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, d)
+        delta = (delta + 2.5 * eps / cfg.flow_steps * grad.sign()).clamp(-eps, eps)
+    return (flows + delta).detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +453,9 @@ def _train_step(
         else:
             with torch.no_grad():
                 flows = models.flow(adv, cfg.classifier_flow_updates)["forward"]
+            if cfg.flow_eps > 0 and n_clean < batch:
+                flows = flows.clone()
+                flows[n_clean:] = _flow_space_pgd(models, flows[n_clean:], labels[n_clean:], cfg, g)
             logits = models.classify(flows)
             loss = F.cross_entropy(logits, labels)
             out["ce"] = float(loss.detach())

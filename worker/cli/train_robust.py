@@ -63,6 +63,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source-attack-steps", type=int, default=1, help="1: FGSM with random start on the source; k: PGD-k"
     )
+    parser.add_argument(
+        "--flow-eps", type=float, default=0.0, help="classifier stage: flow-space PGD radius in px (0: off)"
+    )
+    parser.add_argument("--flow-steps", type=int, default=5, help="classifier stage: flow-space PGD steps")
     parser.add_argument("--reset-best", action="store_true", help="with --resume: forget the best record")
     parser.add_argument("--clean-frac", type=float, default=0.25, help="share of each batch trained clean")
     parser.add_argument("--train-updates", type=int, default=4, help="RAFT iterates in the sequence loss")
@@ -110,6 +114,8 @@ def build_config(args: argparse.Namespace):
         source_attack_frac=args.source_attack_frac,
         transfer_source=args.transfer_source,
         source_attack_steps=args.source_attack_steps,
+        flow_eps=args.flow_eps,
+        flow_steps=args.flow_steps,
         reset_best=args.reset_best,
         train_updates=args.train_updates,
         ce_weight=args.ce_weight,
