@@ -240,7 +240,7 @@ def _source_pgd(
 
 def _flow_space_pgd(models: Models, flows: Tensor, y: Tensor, cfg: RobustConfig, generator: torch.Generator) -> Tensor:
     """PGD-``flow_steps`` on the classifier's CE in flow space, L-inf ``flow_eps`` px around ``flows``
-    (random start from the step's generator): the flow changes no pixel attack was needed for."""
+    (random start from the step's generator): any flow change of that size, whichever pixels would cause it."""
     eps = cfg.flow_eps
     delta = (torch.rand(flows.shape, generator=generator) * 2 - 1).to(flows.device) * eps
     for _ in range(cfg.flow_steps):
