@@ -220,34 +220,33 @@ def fgsm_attack(
 def _source_pgd(
     source: Models, clip: Tensor, y: Tensor, epsilon: float, cfg: RobustConfig, generator: torch.Generator
 ) -> Tensor:
-    """PGD-``source_attack_steps`` on CE through the frozen source (RAFT at ``grad_updates``), its
-    random start drawn from the step's generator like the one-step attacks'."""
+    """The harness's PGD (``source_attack_steps`` steps of 2.5 eps / k, CE through the frozen source's
+    RAFT at ``grad_updates``), its random start drawn from the step's generator like the one-step
+    attacks'."""
+    from models.robustness.attacks.pgd import pgd
+
     if epsilon <= 0:
         return clip
     for p in source.pipeline.parameters():
         p.requires_grad_(False)
-    step = 2.5 * epsilon / cfg.source_attack_steps
-    noise = (torch.rand(clip.shape, generator=generator) * 2 - 1).to(clip.device) * epsilon
-    x = project(clip + noise, clip, epsilon)
-    for _ in range(cfg.source_attack_steps):
-        with torch.enable_grad():
-            z = x.detach().requires_grad_(True)
-            loss = F.cross_entropy(source.logits(z, cfg.grad_updates), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, z)
-        x = project(x.detach() + step * grad.sign(), clip, epsilon)
-    return x
+    steps = cfg.source_attack_steps
+
+    def logits(z: Tensor) -> Tensor:
+        return source.logits(z, cfg.grad_updates)
+
+    return pgd(logits, clip, y, epsilon, steps, 2.5 * epsilon / steps, generator=generator)
 
 
 def _flow_space_pgd(models: Models, flows: Tensor, y: Tensor, cfg: RobustConfig, generator: torch.Generator) -> Tensor:
     """PGD-``flow_steps`` on the classifier's CE in flow space, L-inf ``flow_eps`` px around ``flows``
-    (random start from the step's generator): any flow change of that size, whichever pixels would cause it."""
+    (random start from the step's generator): any flow change of that size, whichever pixels would cause it.
+    Not ``pgd``: flows are not clamped to [0, 1]."""
+    from models.robustness.attacks.base import input_grad
+
     eps = cfg.flow_eps
     delta = (torch.rand(flows.shape, generator=generator) * 2 - 1).to(flows.device) * eps
     for _ in range(cfg.flow_steps):
-        with torch.enable_grad():
-            d = delta.detach().requires_grad_(True)
-            loss = F.cross_entropy(models.classify(flows + d), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, d)
+        _, grad = input_grad(lambda f: F.cross_entropy(models.classify(f), y, reduction="none"), flows + delta)
         delta = (delta + 2.5 * eps / cfg.flow_steps * grad.sign()).clamp(-eps, eps)
     return (flows + delta).detach()
 

@@ -31,19 +31,22 @@ def pgd(
     loss_fn: Callable[[Tensor], Tensor] | None = None,
     tracker: FirstSuccess | None = None,
     check_every: int = 0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Projected gradient ascent on CE (or on ``loss_fn(x_adv)`` per sample) within the L-inf ball.
 
     ``mask`` (broadcastable to x) restricts the perturbation, e.g. to one frame. With a ``tracker``,
     every ``check_every``-th iterate before the last is offered to it, the attack stops once every
-    clip has succeeded, and the last iterate is what open clips end with.
+    clip has succeeded, and the last iterate is what open clips end with. ``generator`` (CPU) draws
+    the random start instead of the global RNG, for callers whose noise is a function of their step.
     """
     step_size = epsilon / 4 if step_size is None else step_size
     mask = torch.ones_like(x[:1]) if mask is None else mask
     x = x.detach()
     x_adv = x.clone()
     if random_start:
-        x_adv = project(x + (torch.rand_like(x) * 2 - 1) * epsilon * mask, x, epsilon)
+        noise = torch.rand_like(x) if generator is None else torch.rand(x.shape, generator=generator).to(x.device)
+        x_adv = project(x + (noise * 2 - 1) * epsilon * mask, x, epsilon)
 
     if loss_fn is None:
 
