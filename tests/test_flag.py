@@ -111,10 +111,20 @@ def _with_thresholds(flag: FlagCalibration, value: float) -> FlagCalibration:
     return flag.model_copy(update={"thresholds": {"input": value, "defended": value}})
 
 
-@pytest.mark.parametrize("kind", ["flagpen:8:steps=1", "orthogonal:8:steps=1", "square-flag:8:queries=2"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "flagpen:8:steps=1",
+        "orthogonal:8:steps=1",
+        "square-flag:8:queries=2",
+        "transfer-flagpen:8:steps=1",
+        "transfer-orthogonal:8:steps=1",
+    ],
+)
 def test_flag_aware_success_needs_a_wrong_and_unflagged_answer(flagged_bundle, kind):
     """Everything flagged: no success whatever the answer; nothing flagged: success iff wrong."""
     pipeline = load_bundle(flagged_bundle).pipeline
+    other = load_bundle(flagged_bundle).pipeline if kind.startswith("transfer-") else None
     flag = read_bundle_meta(flagged_bundle).flag
     clips = [torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
@@ -122,7 +132,7 @@ def test_flag_aware_success_needs_a_wrong_and_unflagged_answer(flagged_bundle, k
         return clips[i], i % 3
 
     rows = plan_rows(range(2), [parse_attack(kind)], random_n=0, adaptive_n=2)
-    always = evaluate(pipeline, source, rows, threshold=None, flag=_with_thresholds(flag, 1e-9))
+    always = evaluate(pipeline, source, rows, threshold=None, flag=_with_thresholds(flag, 1e-9), source_pipeline=other)
     for record in always.records(rows[1].name).values():
         assert record.flagged is True and record.attack_score > 1
         assert record.fooled_at is None  # a flagged answer is never the attack's success
@@ -130,12 +140,35 @@ def test_flag_aware_success_needs_a_wrong_and_unflagged_answer(flagged_bundle, k
         {name: {i: vars(r) for i, r in always.records(name).items()} for name in always.rows}, threshold=None
     )
     assert all(r["correct_or_flagged"]["value"] == 100.0 for r in summary["rows"])
-    never = evaluate(pipeline, source, rows, threshold=None, flag=_with_thresholds(flag, 1e9))
+    never = evaluate(pipeline, source, rows, threshold=None, flag=_with_thresholds(flag, 1e9), source_pipeline=other)
     for record in never.records(rows[1].name).values():
         assert record.flagged is False and record.attack_score < 1
         assert (record.fooled_at is not None) == (not record.defended)
         assert set(record.signals) >= set(INPUT_SIGNALS)
         assert all(math.isfinite(v) for v in record.signals.values())
+
+
+def test_transfer_flagpen_steps_along_the_source_models_gradient(flagged_bundle, other_random_bundle):
+    """With the flag term off (lambda 0), the first step is the sign of the SOURCE model's CE gradient
+    at 2 updates, not the evaluated model's: the classifier term really comes from the source."""
+    from models.defense.purify import project
+    from models.robustness.attacks.base import ce_loss, input_grad
+    from models.robustness.attacks.flag import flag_aware_pgd
+
+    pipeline = load_bundle(flagged_bundle).pipeline
+    source = load_bundle(other_random_bundle).pipeline
+    flag = _with_thresholds(read_bundle_meta(flagged_bundle).flag, 1e9)  # never flagged
+    x = torch.rand(3, 4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    y = torch.tensor([0, 1, 2])
+    eps, step = 8 / 255, 2 / 255
+    tracker = flag_aware_pgd(pipeline, x, y, eps, flag, lam=0.0, steps=1, step_size=step, source=source)
+    _, g_source = input_grad(lambda z: ce_loss(source.logits(z, 2), y), x)
+    _, g_own = input_grad(lambda z: ce_loss(pipeline.logits(z, 2), y), x)
+    expected = project(x + step * g_source.sign(), x, eps)
+    moved = tracker.at != 0  # clips already wrong at the start keep the clip itself
+    assert bool(moved.any())
+    assert torch.allclose(tracker.kept[moved], expected[moved], atol=1e-6)
+    assert not torch.equal(g_source.sign(), g_own.sign())
 
 
 def test_the_api_side_names_the_same_signals():

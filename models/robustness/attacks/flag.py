@@ -17,6 +17,11 @@ first iterate that is wrong AND unflagged.
   orthogonal to the score's, so neither step undoes the other.
 - ``only=<signal>``: the penalty on a single signal's surprise: an attacker who knows one signal
   (the other signals are what must catch it).
+- ``transfer-flagpen`` / ``transfer-orthogonal``: the same two methods with the classifier term taken
+  from a *source* bundle's undefended model (``--source-bundle``), the flag term still the evaluated
+  bundle's. Why: an adversarially trained bundle masks its own classifier gradient (its ``flagpen``
+  rows leave every clip at its clean answer), while PGD crafted on another model fools it; an attacker
+  who knows the flag crafts there and keeps the evaluated bundle's flag down at the same time.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from models.robustness.attacks.base import (
     AttackCall,
     AttackResult,
     FirstSuccess,
+    ce_loss,
     cosine_steps,
     defended_forward,
     project,
@@ -110,10 +116,13 @@ def flag_aware_pgd(
     steps: int = 10,
     step_size: float | None = None,
     defend: bool | str = True,
+    source: Pipeline | None = None,
+    grad_updates: int = GRAD_UPDATES,
 ) -> FirstSuccess:
     """Sign-gradient attack on the defended prediction that also keeps the flag down; per clip the
     first iterate that is wrong and unflagged (x_0 .. x_steps all judged). Starts at the clip: uniform
-    noise of eps alone raises the noise-sensitive signals."""
+    noise of eps alone raises the noise-sensitive signals. ``source``: take the classifier's CE from
+    this pipeline's undefended model at ``grad_updates`` (a transfer attack that also knows the flag)."""
     if only is not None and only not in SIGNALS:
         raise ValueError(f"unknown flag signal {only!r}; signals: {', '.join(SIGNALS)}")
     x = x.detach()
@@ -129,9 +138,13 @@ def flag_aware_pgd(
         with torch.enable_grad():
             z = x_adv.clone().requires_grad_(True)
             probs_def, score = surrogate_score(pipeline, z, forward.restored, flag, plain.probs, only)
-            ce = -probs_def.gather(1, y[:, None])[:, 0].clamp_min(1e-12).log()
+            if source is None:
+                ce = -probs_def.gather(1, y[:, None])[:, 0].clamp_min(1e-12).log()
+            else:
+                ce = ce_loss(source.logits(z, grad_updates), y)
             if method == "penalty":
-                objective = ce - lam * (score - SCORE_MARGIN).clamp_min(0)
+                # lambda 0 is the plain attack (0 * an infinite surprise's gradient would be NaN)
+                objective = ce - lam * (score - SCORE_MARGIN).clamp_min(0) if lam else ce
                 (direction,) = torch.autograd.grad(objective.sum(), z)
             else:
                 (g_ce,) = torch.autograd.grad(ce.sum(), z, retain_graph=True)
@@ -146,14 +159,18 @@ def flag_aware_pgd(
 
 DEFAULT_LAMBDA = 10.0
 DEFAULT_STEPS = 10
+TRANSFER_STEPS = 20  # the transfer row's PGD-20
 
 
-def flag_attack(kind: str, method: Method, only: str | None) -> Attack:
-    """The registry record of one flag-aware kind (options steps, step, lambda)."""
+def flag_attack(kind: str, method: Method, only: str | None, from_source: bool = False) -> Attack:
+    """The registry record of one flag-aware kind (options steps, step, lambda; ``updates`` where the
+    classifier term comes from the source bundle)."""
 
     def run(call: AttackCall) -> AttackResult:
         if call.flag is None:
             raise ValueError(f"attack {kind!r} needs a bundle with a flag calibration (motionguard calibrate --flag)")
+        if from_source and call.source is None:
+            raise ValueError(f"attack {kind!r} needs a source bundle (motionguard eval --source-bundle PATH)")
         tracker = flag_aware_pgd(
             call.pipeline,
             call.x,
@@ -166,18 +183,30 @@ def flag_attack(kind: str, method: Method, only: str | None) -> Attack:
             steps=call.steps,
             step_size=call.step_size,
             defend=call.defend,
+            source=call.source if from_source else None,
+            grad_updates=call.grad_updates,
         )
         return tracked(call, tracker)
 
-    return Attack(run, steps=DEFAULT_STEPS, defense_aware=True, flag_aware=True)
+    return Attack(
+        run,
+        steps=TRANSFER_STEPS if from_source else DEFAULT_STEPS,
+        defense_aware=True,
+        flag_aware=True,
+        needs_source=from_source,
+        gradient_path=from_source,
+    )
 
 
-#: The spec kinds: the combined penalty, orthogonal PGD, and the penalty on each input signal alone
-#: (``flagpen-mc``, ``flagpen-noise``, ...).
-FLAG_KINDS: dict[str, tuple[Method, str | None]] = {
-    "flagpen": ("penalty", None),
-    "orthogonal": ("orthogonal", None),
-    **{f"flagpen-{name}": ("penalty", name) for name in SIGNALS if name not in DEFENDED_SIGNALS},
+#: The spec kinds: the combined penalty, orthogonal PGD, the penalty on each input signal alone
+#: (``flagpen-mc``, ``flagpen-noise``, ...), and the first two with the classifier term from the source
+#: bundle: kind -> (method, signal alone or None, classifier term from the source).
+FLAG_KINDS: dict[str, tuple[Method, str | None, bool]] = {
+    "flagpen": ("penalty", None, False),
+    "orthogonal": ("orthogonal", None, False),
+    **{f"flagpen-{name}": ("penalty", name, False) for name in SIGNALS if name not in DEFENDED_SIGNALS},
+    "transfer-flagpen": ("penalty", None, True),
+    "transfer-orthogonal": ("orthogonal", None, True),
 }
 #: Their records, as ``models.robustness.spec.ATTACKS`` registers them.
 FLAG_ATTACKS: dict[str, Attack] = {kind: flag_attack(kind, *how) for kind, how in FLAG_KINDS.items()}
