@@ -38,7 +38,7 @@ def test_job_result_carries_flag_fields_and_metrics(api, tmp_path):
     counts = [
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
-        if line.startswith('motionguard_attack_signal_count{') and 'signal="mc"' in line
+        if line.startswith("motionguard_attack_signal_count{") and 'signal="mc"' in line
     ]
     assert counts and max(counts) >= len(clips)
 

@@ -66,8 +66,8 @@ OPTIONS = {
     "tau": "through: temperature of the tanh stand-in for sign in the backward (x mean |g|)",
     "eot": "bpda/through: purifications averaged per step (for a defence with randomness)",
     "detector": "bpda/through: lambda of the MC-loss penalty that keeps the clip under the detector threshold",
-    "lambda": "adaptive1/adaptive2: weight of the MC-loss or flow-change penalty; flagpen*, transfer-flagpen/orthogonal and square-flag: of the flag"
-    "-score penalty",
+    "lambda": "adaptive1/adaptive2: weight of the MC-loss or flow-change penalty; flagpen*, transfer-flagpen and"
+    " square-flag: of the flag-score penalty",
     "start": "bpda/through: 1 uniform random start, 0 start at the clip (default 1; detector-aware: 0)",
     "queries": "square/square-flag: predictions of the real system after the clip's own (default 100)",
     "updates": f"RAFT updates on the gradient path of {', '.join(GRADIENT_PATH)} (default 2, the paper's; the model is"

@@ -87,10 +87,16 @@ def _get(url: str) -> bytes:
 def _post(url: str, name: str, body: bytes) -> dict:
     boundary = "motionguard-drift-burst"
     data = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-        "Content-Type: video/x-matroska\r\n\r\n"
-    ).encode() + body + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: video/x-matroska\r\n\r\n"
+        ).encode()
+        + body
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -139,7 +145,9 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=30, help="clips per burst (also the drift window; the alert needs >= 30)")
+    parser.add_argument(
+        "--n", type=int, default=30, help="clips per burst (also the drift window; the alert needs >= 30)"
+    )
     parser.add_argument("--attack", default="transfer-flagpen:8:steps=10")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "motionguard-drift-burst")
     parser.add_argument("--out", type=Path, default=Path("docs/eval/flag/drift-burst-robust-v1.1.json"))
