@@ -48,6 +48,7 @@ def _headline(summary: dict) -> str:
     if worst is None:
         return "No eps = 8/255 attack rows in these reports."
     from models.robustness.report import fmt_accuracy as _fmt
+    from models.robustness.spec import parse_attack
 
     text = (
         f"**Worst case over the {len(worst['rows']) - ('clean' in worst['rows'])} attacks at eps 8/255 (clean clip"
@@ -57,16 +58,20 @@ def _headline(summary: dict) -> str:
     transfer = rows.get("pgd:8")
     if transfer:
         text += (
-            f" Beside it, the transfer figure (PGD-8 on the undefended model, then the defence):"
+            f" Beside it, PGD-8 on the evaluated bundle's own undefended model, then the defence:"
             f" {_fmt(transfer['defended'])} % on {transfer['n']} clips."
         )
-    detector = [r for r in summary["rows"] if ":detector=" in r["name"]]
-    if detector:
-        strongest = min(detector, key=lambda r: r["correct_or_flagged"]["value"])
-        text += (
-            f" Strongest detector-aware attack ({strongest['name']}): correct or flagged"
-            f" {_fmt(strongest['correct_or_flagged'])} % on {strongest['n']} clips."
-        )
+    for what, test in (
+        ("detector-aware", lambda name: ":detector=" in name),
+        ("flag-aware", lambda name: name != "clean" and parse_attack(name).flag_aware),
+    ):
+        aware = [r for r in summary["rows"] if test(r["name"])]
+        if aware:
+            strongest = min(aware, key=lambda r: r["correct_or_flagged"]["value"])
+            text += (
+                f" Strongest {what} attack ({strongest['name']}): correct or flagged"
+                f" {_fmt(strongest['correct_or_flagged'])} % on {strongest['n']} clips."
+            )
     return text
 
 
@@ -106,9 +111,18 @@ accuracy the real 12-update prediction):
   defended prediction is wrong AND its MC loss is at or under the bundle's threshold (not flagged):
   a wrong but flagged answer reaches the operator as suspected, so for these rows "correct or
   flagged" is one minus the attack's success rate.
+- Flag-aware rows (`--flag`, a bundle with a flag calibration; docs/flag.md): `flagpen` ascends the
+  defended prediction's CE (BPDA through the purification) minus lambda x relu(flag score - 0.8),
+  the score's differentiable stand-in at 2 updates; `orthogonal` (Bryniarski et al. 2021) steps on
+  the flag score while the real flag is up, else on the CE, each along the part of its gradient
+  orthogonal to the other's; `flagpen-<signal>` penalises one signal alone; `transfer-flagpen` and
+  `transfer-orthogonal` take the CE from the `--source-bundle`'s undefended model and the flag term
+  from this bundle. 10 steps (cosine decay from 5 eps/steps), starting at the clip; every iterate
+  is judged by the real service path and a success is a wrong AND unflagged answer.
 - Columns: `undefended` = the undefended model on the row's clip; `defended` = the real defended
-  prediction; `flagged` = MC loss before any defence (inference flow) over the bundle's calibration
-  threshold (clean p99); `correct or flagged` = the system's outcome is not a silent error; AUROC =
+  prediction; `flagged` = the bundle's multi-signal flag where the run recorded it (`--flag`), else
+  MC loss before any defence (inference flow) over the bundle's calibration threshold (clean
+  p99); `correct or flagged` = the system's outcome is not a silent error; AUROC =
   the row's clips against the clean ones by the MC loss before defence.
 - `worst-case:eps`: on the clips every row of that budget ran on, robust only if the clean clip and
   every attack of the budget leave it defended-correct (AutoAttack-style); correct-or-flagged alike.
