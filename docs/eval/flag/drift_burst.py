@@ -50,8 +50,9 @@ METRICS = ("motionguard_mc_loss_drift", "motionguard_attack_score_drift", "motio
 
 
 def craft(n: int, attack: str, work: Path) -> np.ndarray:
-    """(n, T, 3, H, W) float32 attacked clips; resumes from ``work/attacked.npz``."""
-    path = work / "attacked.npz"
+    """(n, T, 3, H, W) float32 attacked clips; resumes from ``work/attacked-<attack>.npz`` (one file per
+    attack spec, so a rerun with another ``--attack`` does not mix clips)."""
+    path = work / f"attacked-{re.sub(r'[^A-Za-z0-9.=-]+', '_', attack)}.npz"
     done = list(np.load(path)["clips"]) if path.exists() else []
     if len(done) >= n:
         return np.stack(done[:n])
