@@ -118,7 +118,6 @@ def _with_thresholds(flag: FlagCalibration, value: float) -> FlagCalibration:
         "orthogonal:8:steps=1",
         "square-flag:8:queries=2",
         "transfer-flagpen:8:steps=1",
-        "transfer-orthogonal:8:steps=1",
     ],
 )
 def test_flag_aware_success_needs_a_wrong_and_unflagged_answer(flagged_bundle, kind):
