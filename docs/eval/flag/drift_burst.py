@@ -49,18 +49,18 @@ SOURCE = "models/bundles/motionshapes-v1"
 METRICS = ("motionguard_mc_loss_drift", "motionguard_attack_score_drift", "motionguard_mc_loss_suspected_share")
 
 
-def craft(n: int, attack: str, work: Path) -> np.ndarray:
+def craft(clips: list[tuple[torch.Tensor, int]], attack: str, work: Path) -> np.ndarray:
     """(n, T, 3, H, W) float32 attacked clips; resumes from ``work/attacked-<attack>.npz`` (one file per
     attack spec, so a rerun with another ``--attack`` does not mix clips)."""
     path = work / f"attacked-{re.sub(r'[^A-Za-z0-9.=-]+', '_', attack)}.npz"
     done = list(np.load(path)["clips"]) if path.exists() else []
+    n = len(clips)
     if len(done) >= n:
         return np.stack(done[:n])
     bundle = load_bundle(BUNDLE)
     source = load_bundle(SOURCE).pipeline
     flag = read_bundle_meta(BUNDLE).flag
     spec = parse_attack(attack)
-    clips = list(synthetic_clips("test", n, 8, 64))
     for i in range(len(done), n):
         torch.manual_seed(i)
         clip, label = clips[i]
@@ -156,8 +156,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
-    attacked = craft(args.n, args.attack, args.work)
     clean_pairs = list(synthetic_clips("test", args.n, 8, 64))
+    attacked = craft(clean_pairs, args.attack, args.work)
     clean = np.stack([c.numpy() for c, _ in clean_pairs])
     labels = [y for _, y in clean_pairs]
     meta = read_bundle_meta(BUNDLE)
