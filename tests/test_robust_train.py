@@ -5,6 +5,7 @@ resumes at its stored step, and the written bundle loads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from models.training.robust import (
     validate,
     write_robust_bundle,
 )
+
+DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "bundles" / "motionshapes-v1"
 
 
 def _config(tmp_path, source, **stage_steps) -> RobustConfig:
@@ -155,3 +158,54 @@ def test_flow_space_attack_stays_in_its_ball_and_the_classifier_still_trains(sou
     out = robust_train._train_step(models, optimizers, "classifier", 0, 8 / 255, 1e-3, cfg, torch.device("cpu"))
     assert out["loss"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, models.classifier.parameters(), strict=True))
+
+
+def test_random_stop_varies_the_source_attacks_length_and_start(source, tmp_path, monkeypatch):
+    """With ``source_attack_random_stop`` each batch's source PGD runs k in 1..steps steps of 2.5 eps / k,
+    about half without random start (the harness's early first-success iterates), and stays in the ball."""
+    import models.robustness.attacks.pgd as pgd_module
+
+    calls: list[tuple[int, float, bool]] = []
+    real = pgd_module.pgd
+
+    def spy(logits_fn, x, y, epsilon, steps=20, step_size=None, random_start=True, **kwargs):
+        calls.append((steps, step_size, random_start))
+        return real(logits_fn, x, y, epsilon, steps, step_size, random_start, **kwargs)
+
+    monkeypatch.setattr(pgd_module, "pgd", spy)
+    cfg = _config(tmp_path, source)
+    cfg.source_attack_steps, cfg.source_attack_random_stop = 4, True
+    attacker = Models(load_bundle(source).pipeline)
+    clips, _, labels = val_set(2, 4, 64, 3)
+    eps = 8 / 255
+    for seed in range(16):
+        adv = robust_train._source_pgd(attacker, clips, labels, eps, cfg, torch.Generator().manual_seed(seed))
+        assert float((adv - clips).abs().max()) <= eps + 1e-6
+    steps = {k for k, _, _ in calls}
+    assert steps <= {1, 2, 3, 4} and len(steps) >= 3
+    assert all(size == pytest.approx(2.5 * eps / k) for k, size, _ in calls)
+    assert {start for _, _, start in calls} == {True, False}
+
+
+def test_transfer_accuracy_counts_a_clip_right_only_on_every_iterate(source, tmp_path):
+    """Validation's transfer row judges each stored iterate of the source attack: a clip that one earlier
+    iterate fools counts as fooled although the last iterate is classified right (shipped demo bundle:
+    the random one predicts one class for every input)."""
+    cfg = _config(tmp_path, source)
+    cfg.val_pgd_steps, cfg.val_transfer_iterates = 3, (1, 2)
+    iterates = robust_train.transfer_examples(Models(load_bundle(source).pipeline), cfg, val_set(2, 4, 64, 3))
+    assert iterates.shape[:2] == (3, 2)  # steps 1, 2 and the last
+
+    cfg.frames, cfg.infer_updates = 8, 12
+    models = Models(load_bundle(DEMO_BUNDLE).pipeline)
+    clips, gts, _ = data = val_set(4, 8, 64, models.num_classes)
+    with torch.no_grad():
+        labels = models.logits(clips, cfg.infer_updates).argmax(1)
+        other = torch.roll(clips, 1, dims=0)  # another class's clip in place of iterate 1
+        fooled = models.logits(other, cfg.infer_updates).argmax(1) != labels
+    assert bool(fooled.any())
+    data = (clips, gts, labels)  # the clean clips are right by construction
+    same = clips.unsqueeze(0).repeat(2, 1, 1, 1, 1, 1)
+    assert validate(models, cfg, data, same)["transfer_acc"] == 1.0
+    mixed = torch.stack([other, clips])
+    assert validate(models, cfg, data, mixed)["transfer_acc"] == float((~fooled).float().mean())

@@ -88,6 +88,10 @@ class RobustConfig:
     # own (masked) gradient is the one an attacker would not use.
     transfer_source: Path | None = None
     source_attack_steps: int = 1  # 1: FGSM with random start on the source; k > 1: PGD-k (step 2.5 eps / k)
+    # Per batch, stop the source PGD after k ~ U{1..source_attack_steps} steps of 2.5 eps / k, half the
+    # batches without the random start: the harness keeps each clip's first fooling iterate (often
+    # step 1-3 of a start-free attack), which PGD-k's last iterate alone does not train on.
+    source_attack_random_stop: bool = False
     # Classifier stage: PGD-``flow_steps`` on the classifier in flow space (L-inf ball of ``flow_eps``
     # px around the flow of the clip as attacked) on every non-clean clip. Measured on the first
     # robust bundle: 0.05 px fooled 7 of 12 val clips and 0.1 px all 12, while a perturbation
@@ -108,6 +112,7 @@ class RobustConfig:
     val_clips: int = 32
     val_minutes: float = 6.0
     val_pgd_steps: int = 10
+    val_transfer_iterates: tuple[int, ...] = (1, 2, 3, 5)  # besides the last, judged per clip (worst case)
     val_batch: int = 16
     min_clean: float = 0.75
     patience: int = 4
@@ -221,8 +226,8 @@ def _source_pgd(
     source: Models, clip: Tensor, y: Tensor, epsilon: float, cfg: RobustConfig, generator: torch.Generator
 ) -> Tensor:
     """The harness's PGD (``source_attack_steps`` steps of 2.5 eps / k, CE through the frozen source's
-    RAFT at ``grad_updates``), its random start drawn from the step's generator like the one-step
-    attacks'."""
+    RAFT at ``grad_updates``; with ``source_attack_random_stop`` a random k), its random start drawn
+    from the step's generator like the one-step attacks'."""
     from models.robustness.attacks.pgd import pgd
 
     if epsilon <= 0:
@@ -230,11 +235,15 @@ def _source_pgd(
     for p in source.pipeline.parameters():
         p.requires_grad_(False)
     steps = cfg.source_attack_steps
+    random_start = True
+    if cfg.source_attack_random_stop:
+        steps = int(torch.randint(1, steps + 1, (1,), generator=generator))
+        random_start = bool(torch.rand(1, generator=generator) < 0.5)
 
     def logits(z: Tensor) -> Tensor:
         return source.logits(z, cfg.grad_updates)
 
-    return pgd(logits, clip, y, epsilon, steps, 2.5 * epsilon / steps, generator=generator)
+    return pgd(logits, clip, y, epsilon, steps, 2.5 * epsilon / steps, random_start=random_start, generator=generator)
 
 
 def _flow_space_pgd(models: Models, flows: Tensor, y: Tensor, cfg: RobustConfig, generator: torch.Generator) -> Tensor:
@@ -285,23 +294,50 @@ def val_set(n: int, frames: int, size: int, num_classes: int = len(CLASSES)) -> 
 # validation
 
 
+class _Iterates:
+    """Collects the iterates ``pgd`` offers at the steps in ``keep`` (a tracker stand-in)."""
+
+    def __init__(self, keep: tuple[int, ...]):
+        self.keep, self.got = keep, []
+        self.done = False
+
+    def offer(self, step: int, x: Tensor) -> None:
+        if step in self.keep:
+            self.got.append(x.detach().cpu())
+
+    def finish(self, x: Tensor) -> None:
+        """The last iterate is ``pgd``'s return value."""
+
+
 @torch.no_grad()
 def transfer_examples(source: Models, cfg: RobustConfig, data: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """PGD (``val_pgd_steps``, CE, gradient through the source's RAFT at ``grad_updates``) on the
-    frozen source models: fixed examples, computed once, that every validation judges."""
+    frozen source models: fixed examples, computed once, that every validation judges. Returns
+    (iterates, clips, ...): the iterates after the steps in ``val_transfer_iterates`` and the last
+    one, since the harness keeps each clip's first fooling iterate, not only the last."""
     from models.robustness.attacks.pgd import pgd
 
     clips, _, labels = data
     device = next(source.classifier.parameters()).device
     torch.manual_seed(cfg.seed + 54321)
+    keep = tuple(k for k in cfg.val_transfer_iterates if k < cfg.val_pgd_steps)
     out = []
     for start in range(0, clips.shape[0], cfg.val_batch):
         x = clips[start : start + cfg.val_batch].to(device)
         y = labels[start : start + cfg.val_batch].to(device)
-        out.append(
-            pgd(lambda z: source.logits(z, cfg.grad_updates), x, y, cfg.epsilon, cfg.val_pgd_steps, cfg.epsilon / 4)
+        iterates = _Iterates(keep)
+        last = pgd(
+            lambda z: source.logits(z, cfg.grad_updates),
+            x,
+            y,
+            cfg.epsilon,
+            cfg.val_pgd_steps,
+            cfg.epsilon / 4,
+            tracker=iterates,  # type: ignore[arg-type]
+            check_every=1,
         )
-    return torch.cat(out).cpu()
+        out.append(torch.stack([*iterates.got, last.cpu()]))
+    return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
@@ -310,8 +346,8 @@ def validate(
 ) -> dict:
     """Clean / FGSM / PGD-10 accuracy at ``epsilon`` (gradient at ``grad_updates``, judged at
     ``infer_updates``) and the EPE of the clean and the PGD-attacked flow against the exact flow;
-    with ``transfer`` (PGD examples crafted on the source), their accuracy and EPE too, and the
-    per-clip worst case of PGD and transfer (``worst_acc``)."""
+    with ``transfer`` (PGD iterates crafted on the source), their accuracy (right on every iterate),
+    the last iterate's EPE, and the per-clip worst case of PGD and transfer (``worst_acc``)."""
     from models.robustness.attacks.pgd import pgd
 
     clips, gts, labels = data
@@ -343,8 +379,10 @@ def validate(
         counts["pgd"] += int(right.sum())
         epe_adv.append(epe_per_clip(flow_adv, gt))
         if transfer is not None:
-            flow_t = models.flow(transfer[start : start + cfg.val_batch].to(device), cfg.infer_updates)["forward"]
-            right_t = models.classify(flow_t).argmax(1) == y
+            right_t = torch.ones_like(right)
+            for iterate in transfer[:, start : start + cfg.val_batch]:
+                flow_t = models.flow(iterate.to(device), cfg.infer_updates)["forward"]
+                right_t &= models.classify(flow_t).argmax(1) == y
             counts["transfer"] += int(right_t.sum())
             counts["worst"] += int((right & right_t).sum())
             epe_transfer.append(epe_per_clip(flow_t, gt))

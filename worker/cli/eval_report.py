@@ -115,10 +115,11 @@ accuracy the real 12-update prediction):
   defended prediction's CE (BPDA through the purification) minus lambda x relu(flag score - 0.8),
   the score's differentiable stand-in at 2 updates; `orthogonal` (Bryniarski et al. 2021) steps on
   the flag score while the real flag is up, else on the CE, each along the part of its gradient
-  orthogonal to the other's; `flagpen-<signal>` penalises one signal alone; `transfer-flagpen` and
-  `transfer-orthogonal` take the CE from the `--source-bundle`'s undefended model and the flag term
-  from this bundle. 10 steps (`transfer-*`: 20; cosine decay from 5 eps/steps), starting at the clip; every iterate
-  is judged by the real service path and a success is a wrong AND unflagged answer.
+  orthogonal to the other's; `flagpen-<signal>` penalises one signal alone; `transfer-flagpen`,
+  `transfer-orthogonal` and `transfer-flagpen-<signal>` take the CE from the `--source-bundle`'s
+  undefended model and the flag term from this bundle. 10 steps (`transfer-*`: 20; cosine decay from
+  5 eps/steps), starting at the clip; every iterate is judged by the real service path and a success
+  is a wrong AND unflagged answer.
 - Columns: `undefended` = the undefended model on the row's clip; `defended` = the real defended
   prediction; `flagged` = the bundle's multi-signal flag where the run recorded it (`--flag`), else
   MC loss before any defence (inference flow) over the bundle's calibration threshold (clean

@@ -64,6 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--source-attack-steps", type=int, default=1, help="1: FGSM with random start on the source; k: PGD-k"
     )
     parser.add_argument(
+        "--source-attack-random-stop",
+        action="store_true",
+        help="stop each batch's source PGD after a random 1..k steps (step 2.5 eps / steps), half without "
+        "random start: the early iterates the harness's first-success attacks keep",
+    )
+    parser.add_argument(
         "--flow-eps", type=float, default=0.0, help="classifier stage: flow-space PGD radius in px (0: off)"
     )
     parser.add_argument("--flow-steps", type=int, default=5, help="classifier stage: flow-space PGD steps")
@@ -114,6 +120,7 @@ def build_config(args: argparse.Namespace):
         source_attack_frac=args.source_attack_frac,
         transfer_source=args.transfer_source,
         source_attack_steps=args.source_attack_steps,
+        source_attack_random_stop=args.source_attack_random_stop,
         flow_eps=args.flow_eps,
         flow_steps=args.flow_steps,
         reset_best=args.reset_best,

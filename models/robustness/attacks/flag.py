@@ -17,11 +17,12 @@ first iterate that is wrong AND unflagged.
   orthogonal to the score's, so neither step undoes the other.
 - ``only=<signal>``: the penalty on a single signal's surprise: an attacker who knows one signal
   (the other signals are what must catch it).
-- ``transfer-flagpen`` / ``transfer-orthogonal``: the same two methods with the classifier term taken
-  from a *source* bundle's undefended model (``--source-bundle``), the flag term still the evaluated
-  bundle's. Why: an adversarially trained bundle masks its own classifier gradient (its ``flagpen``
-  rows leave every clip at its clean answer), while PGD crafted on another model fools it; an attacker
-  who knows the flag crafts there and keeps the evaluated bundle's flag down at the same time.
+- ``transfer-flagpen`` / ``transfer-orthogonal`` / ``transfer-flagpen-<signal>``: the same methods with
+  the classifier term taken from a *source* bundle's undefended model (``--source-bundle``), the flag
+  term still the evaluated bundle's. Why: an adversarially trained bundle masks its own classifier
+  gradient (its ``flagpen`` rows leave every clip at its clean answer), while PGD crafted on another
+  model fools it; an attacker who knows the flag crafts there and keeps the evaluated bundle's flag
+  down at the same time.
 """
 
 from __future__ import annotations
@@ -198,15 +199,18 @@ def flag_attack(kind: str, method: Method, only: str | None, from_source: bool =
     )
 
 
+_INPUT_SIGNALS = [name for name in SIGNALS if name not in DEFENDED_SIGNALS]
 #: The spec kinds: the combined penalty, orthogonal PGD, the penalty on each input signal alone
-#: (``flagpen-mc``, ``flagpen-noise``, ...), and the first two with the classifier term from the source
-#: bundle: kind -> (method, signal alone or None, classifier term from the source).
+#: (``flagpen-mc``, ``flagpen-noise``, ...), and all of them with the classifier term from the source
+#: bundle (``transfer-flagpen``, ``transfer-flagpen-mc``, ...): kind -> (method, signal alone or None,
+#: classifier term from the source).
 FLAG_KINDS: dict[str, tuple[Method, str | None, bool]] = {
     "flagpen": ("penalty", None, False),
     "orthogonal": ("orthogonal", None, False),
-    **{f"flagpen-{name}": ("penalty", name, False) for name in SIGNALS if name not in DEFENDED_SIGNALS},
+    **{f"flagpen-{name}": ("penalty", name, False) for name in _INPUT_SIGNALS},
     "transfer-flagpen": ("penalty", None, True),
     "transfer-orthogonal": ("orthogonal", None, True),
+    **{f"transfer-flagpen-{name}": ("penalty", name, True) for name in _INPUT_SIGNALS},
 }
 #: Their records, as ``models.robustness.spec.ATTACKS`` registers them.
 FLAG_ATTACKS: dict[str, Attack] = {kind: flag_attack(kind, *how) for kind, how in FLAG_KINDS.items()}
