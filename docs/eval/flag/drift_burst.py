@@ -7,14 +7,14 @@ bundle's clean calibration (docs/monitoring.md), so a campaign of individually u
 still raise them.
 
 1. Craft: the first ``--n`` MotionShapes test clips attacked by ``--attack`` (default the flag-aware
-   transfer attack on the default model, ``docs/eval/robust-v1.1/auto-transferflag.json``'s row), one
-   clip a batch, kept in ``--work`` so a rerun resumes.
+   transfer attack on the default model, the ``auto-transferflag.json`` row of its records), one clip
+   a batch, kept in ``--work`` (per bundle version and attack) so a rerun resumes.
 2. Serve: ``motionguard serve --workers 1`` (embedded Redis, the default model only, drift window =
    ``--n``), upload the clean clips as lossless FFV1 (8-bit, as any real upload), wait for every job,
    read ``/metrics``; then the attacked clips, and read it again.
 
 Usage (from the repo root): ``OMP_NUM_THREADS=1 .venv/bin/python docs/eval/flag/drift_burst.py --n 30``;
-writes ``docs/eval/flag/drift-burst-robust-v1.1.json``.
+writes ``docs/eval/flag/drift-burst-robust-v<version>.json`` (the default model's version).
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ METRICS = ("motionguard_mc_loss_drift", "motionguard_attack_score_drift", "motio
 
 
 def craft(clips: list[tuple[torch.Tensor, int]], attack: str, work: Path) -> np.ndarray:
-    """(n, T, 3, H, W) float32 attacked clips; resumes from ``work/attacked-<attack>.npz`` (one file per
-    attack spec, so a rerun with another ``--attack`` does not mix clips)."""
-    path = work / f"attacked-{re.sub(r'[^A-Za-z0-9.=-]+', '_', attack)}.npz"
+    """(n, T, 3, H, W) float32 attacked clips; resumes from ``work/attacked-<version>-<attack>.npz`` (one
+    file per bundle version and attack spec: the attack reads the evaluated bundle's flag, so clips of
+    another version or ``--attack`` must not mix)."""
+    version = read_bundle_meta(BUNDLE).version
+    path = work / f"attacked-v{version}-{re.sub(r'[^A-Za-z0-9.=-]+', '_', attack)}.npz"
     done = list(np.load(path)["clips"]) if path.exists() else []
     n = len(clips)
     if len(done) >= n:
@@ -151,7 +153,9 @@ def main() -> None:
     )
     parser.add_argument("--attack", default="transfer-flagpen:8:steps=10")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "motionguard-drift-burst")
-    parser.add_argument("--out", type=Path, default=Path("docs/eval/flag/drift-burst-robust-v1.1.json"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: docs/eval/flag/drift-burst-robust-v<version>.json"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
@@ -161,6 +165,7 @@ def main() -> None:
     clean = np.stack([c.numpy() for c, _ in clean_pairs])
     labels = [y for _, y in clean_pairs]
     meta = read_bundle_meta(BUNDLE)
+    out = args.out or Path(f"docs/eval/flag/drift-burst-robust-v{meta.version}.json")
     port = _free_port()
     api = f"http://127.0.0.1:{port}"
     env = dict(
@@ -200,7 +205,7 @@ def main() -> None:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=60)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
 
 
