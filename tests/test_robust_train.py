@@ -196,9 +196,9 @@ def test_transfer_accuracy_counts_a_clip_right_only_on_every_iterate(source, tmp
     iterates = robust_train.transfer_examples(Models(load_bundle(source).pipeline), cfg, val_set(2, 4, 64, 3))
     assert iterates.shape[:2] == (3, 2)  # steps 1, 2 and the last
 
-    cfg.frames, cfg.infer_updates = 8, 12
+    cfg.frames, cfg.infer_updates, cfg.val_pgd_steps = 8, 12, 1  # validate's own white-box PGD: 1 step
     models = Models(load_bundle(DEMO_BUNDLE).pipeline)
-    clips, gts, _ = data = val_set(4, 8, 64, models.num_classes)
+    clips, gts, _ = data = val_set(3, 8, 64, models.num_classes)
     with torch.no_grad():
         labels = models.logits(clips, cfg.infer_updates).argmax(1)
         other = torch.roll(clips, 1, dims=0)  # another class's clip in place of iterate 1
