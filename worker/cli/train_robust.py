@@ -66,8 +66,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source-attack-random-stop",
         action="store_true",
-        help="stop each batch's source PGD after a random 1..k steps (step 2.5 eps / steps), half without "
-        "random start: the early iterates the harness's first-success attacks keep",
+        help="stop each batch's source PGD after a random k in 1..--source-attack-steps steps of 2.5 eps / k, "
+        "half without random start: the early iterates the harness's first-success attacks keep",
     )
     parser.add_argument(
         "--flow-eps", type=float, default=0.0, help="classifier stage: flow-space PGD radius in px (0: off)"

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from models.bundle.load import load_bundle
-from models.bundle_meta import read_bundle_meta
+from models.bundle_meta import BundleMeta, read_bundle_meta
 from models.defense.calibrate import synthetic_clips
 from models.robustness.spec import parse_attack, run_attack
 from worker.video import encode_ffv1
@@ -49,25 +49,23 @@ SOURCE = "models/bundles/motionshapes-v1"
 METRICS = ("motionguard_mc_loss_drift", "motionguard_attack_score_drift", "motionguard_mc_loss_suspected_share")
 
 
-def craft(clips: list[tuple[torch.Tensor, int]], attack: str, work: Path) -> np.ndarray:
+def craft(clips: list[tuple[torch.Tensor, int]], attack: str, work: Path, meta: BundleMeta) -> np.ndarray:
     """(n, T, 3, H, W) float32 attacked clips; resumes from ``work/attacked-<version>-<attack>.npz`` (one
     file per bundle version and attack spec: the attack reads the evaluated bundle's flag, so clips of
     another version or ``--attack`` must not mix)."""
-    version = read_bundle_meta(BUNDLE).version
-    path = work / f"attacked-v{version}-{re.sub(r'[^A-Za-z0-9.=-]+', '_', attack)}.npz"
+    path = work / f"attacked-v{meta.version}-{re.sub(r'[^A-Za-z0-9.=-]+', '_', attack)}.npz"
     done = list(np.load(path)["clips"]) if path.exists() else []
     n = len(clips)
     if len(done) >= n:
         return np.stack(done[:n])
     bundle = load_bundle(BUNDLE)
     source = load_bundle(SOURCE).pipeline
-    flag = read_bundle_meta(BUNDLE).flag
     spec = parse_attack(attack)
     for i in range(len(done), n):
         torch.manual_seed(i)
         clip, label = clips[i]
         result = run_attack(
-            spec, bundle.pipeline, clip[None], torch.tensor([label]), defend="auto", flag=flag, source=source
+            spec, bundle.pipeline, clip[None], torch.tensor([label]), defend="auto", flag=meta.flag, source=source
         )
         done.append(result.x[0].numpy().astype(np.float32))
         np.savez(path, clips=np.stack(done))
@@ -160,11 +158,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
+    meta = read_bundle_meta(BUNDLE)
     clean_pairs = list(synthetic_clips("test", args.n, 8, 64))
-    attacked = craft(clean_pairs, args.attack, args.work)
+    attacked = craft(clean_pairs, args.attack, args.work, meta)
     clean = np.stack([c.numpy() for c, _ in clean_pairs])
     labels = [y for _, y in clean_pairs]
-    meta = read_bundle_meta(BUNDLE)
     out = args.out or Path(f"docs/eval/flag/drift-burst-robust-v{meta.version}.json")
     port = _free_port()
     api = f"http://127.0.0.1:{port}"
