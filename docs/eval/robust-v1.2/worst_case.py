@@ -1,0 +1,49 @@
+"""Worst case per clip over eval JSONs of *different* evaluations (e.g. the ``auto`` rows beside the
+``off`` Square row), which ``motionguard eval report`` refuses to merge on purpose.
+
+A clip counts robust only if every row of that budget left it correct, and correct-or-flagged only if
+every row left it correct or flagged; 95 % percentile bootstrap intervals as in the report. Rows are
+taken on the clips they all ran (``--first`` caps the clip index: the first 100 test clips).
+
+    python docs/eval/robust-v1.2/worst_case.py docs/eval/robust-v1.2/auto-*.json docs/eval/robust-v1.2/off-square.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from models.robustness.report import worst_case
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reports", nargs="+", type=Path, help="eval JSONs (motionguard eval --json)")
+    parser.add_argument("--first", type=int, default=100, help="only clips 0 .. FIRST-1 (default 100)")
+    parser.add_argument("--skip", nargs="*", default=["random"], help="row-name prefixes left out")
+    args = parser.parse_args()
+    clips: dict[str, dict[int, dict]] = {}
+    modes: dict[str, str] = {}
+    for path in args.reports:
+        report = json.loads(path.read_text())
+        mode = report["signature"]["defend"]
+        for row, records in report["clips"].items():
+            if any(row.startswith(prefix) for prefix in args.skip):
+                continue
+            kept = {int(i): rec for i, rec in records.items() if int(i) < args.first}
+            if row in clips:
+                raise SystemExit(f"{path}: row {row} is also in an earlier file")
+            clips[row], modes[row] = kept, mode
+    for case in worst_case(clips, threshold=None):
+        robust, safe = case["defended"], case["correct_or_flagged"]
+        print(
+            f"{case['name']}: n {case['n']}, {len(case['rows'])} rows: correct {robust['value']:.1f} {robust['ci95']},"
+            f" correct or flagged {safe['value']:.1f} {safe['ci95']}"
+        )
+        for row in case["rows"]:
+            print(f"  {row} (defend {modes[row]}, n {len(clips[row])})")
+
+
+if __name__ == "__main__":
+    main()
