@@ -1,5 +1,6 @@
 """Worst case per clip over eval JSONs of *different* evaluations (e.g. the ``auto`` rows beside the
-``off`` Square row), which ``motionguard eval report`` refuses to merge on purpose.
+``off`` Square row), which ``motionguard eval report`` refuses to merge on purpose. Shards of one row
+(``--shard``) merge.
 
 A clip counts robust only if every row of that budget left it correct, and correct-or-flagged only if
 every row left it correct or flagged; 95 % percentile bootstrap intervals as in the report. Rows are
@@ -31,10 +32,15 @@ def main() -> None:
         for row, records in report["clips"].items():
             if any(row.startswith(prefix) for prefix in args.skip):
                 continue
-            kept = {int(i): rec for i, rec in records.items() if int(i) < args.first}
-            if row in clips:
-                raise SystemExit(f"{path}: row {row} is also in an earlier file")
-            clips[row], modes[row] = kept, mode
+            if modes.setdefault(row, mode) != mode:
+                raise SystemExit(f"{path}: row {row} ran in another mode in an earlier file")
+            merged = clips.setdefault(row, {})
+            for i, record in records.items():
+                if int(i) >= args.first:
+                    continue
+                if merged.get(int(i), record) != record:
+                    raise SystemExit(f"{path}: row {row} clip {i} differs from an earlier file's record")
+                merged[int(i)] = record
     for case in worst_case(clips, threshold=None):
         robust, safe = case["defended"], case["correct_or_flagged"]
         print(
