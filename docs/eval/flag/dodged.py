@@ -31,7 +31,11 @@ def main() -> None:
     threshold = flag.thresholds["input"]
     rows: dict[str, dict[int, dict]] = {}
     for path in args.states:
-        for row, records in json.loads(path.read_text())["rows"].items():
+        try:
+            state = json.loads(path.read_text())["rows"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"{path}: not a readable eval state file ({exc!r})") from exc
+        for row, records in state.items():
             rows.setdefault(row, {}).update({int(i): r for i, r in records.items() if int(i) < args.first})
     for row, records in rows.items():
         silent = {i: r for i, r in records.items() if not r["defended"] and not r.get("flagged") and r.get("signals")}

@@ -6,7 +6,11 @@ A clip counts robust only if every row of that budget left it correct, and corre
 every row left it correct or flagged; 95 % percentile bootstrap intervals as in the report. Rows are
 taken on the clips they all ran (``--first`` caps the clip index: the first 100 test clips).
 
-    python docs/eval/robust-v1.2/worst_case.py docs/eval/robust-v1.2/auto-*.json docs/eval/robust-v1.2/off-square.json
+    python docs/eval/robust-v1.2/worst_case.py docs/eval/robust-v1.2/off-square.json \
+        docs/eval/robust-v1.2/auto-{transfer,transfer50,transfer12,gradient,noise,transferflag,transferflag4}.json \
+        docs/eval/robust-v1.2/auto-{defaware,transferflag-sweep,transferflag-signals}.json
+
+(the command behind the 17-row worst case of docs/robust-model.md and docs/flag.md).
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ def main() -> None:
     clips: dict[str, dict[int, dict]] = {}
     modes: dict[str, str] = {}
     for path in args.reports:
-        report = json.loads(path.read_text())
-        mode = report["signature"]["defend"]
+        try:
+            report = json.loads(path.read_text())
+            mode = report["signature"]["defend"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"{path}: not a readable eval JSON ({exc!r})") from exc
         for row, records in report["clips"].items():
             if any(row.startswith(prefix) for prefix in args.skip):
                 continue
